@@ -1,0 +1,1 @@
+"""Deploy stage: ONNX -> TensorRT engine (profiles, precision, timing cache), edge presets, CLI."""

@@ -1,0 +1,1 @@
+"""One module per stage, each with ``register(app)``; module tops import only typer + stdlib."""

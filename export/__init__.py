@@ -1,0 +1,1 @@
+"""Export stage: PyTorch GPT-2 -> ONNX decoder with a KV cache, validated, packed as a bundle."""

@@ -1,0 +1,34 @@
+"""Backends by name. Listing them imports nothing heavy: classes are resolved on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+from export.manifest import Bundle
+from serving.backends.base import Backend, BackendOptions, KVCache, StepOutput
+
+# name -> "module:Class"; resolved lazily so `--help` and the ORT path never import torch/tensorrt.
+REGISTRY: dict[str, str] = {
+    "torch": "serving.backends.torch_backend:TorchBackend",
+    "onnxruntime": "serving.backends.ort_backend:OrtBackend",
+    "tensorrt": "serving.backends.trt_backend:TensorRTBackend",
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; available backends are: "
+                         f"{', '.join(REGISTRY)}") from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_backend(name: str, bundle: Bundle, options: BackendOptions | None = None) -> Backend:
+    """Construct (cheaply; call ``load()`` to start it) the backend called ``name``."""
+    return backend_class(name)(bundle, options)
+
+
+__all__ = ["REGISTRY", "Backend", "BackendOptions", "KVCache", "StepOutput", "backend_class",
+           "create_backend"]

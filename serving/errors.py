@@ -1,0 +1,43 @@
+"""Domain errors of the serving stage. ``serving.grpc_errors`` maps each to one gRPC status code.
+
+Raise these with a message that says what was seen and what is allowed; never a bare ValueError
+from code a client can reach.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class; ``code`` names the gRPC status the error maps to."""
+
+    code = "INTERNAL"
+
+
+class InvalidInput(ServingError):
+    """The request is malformed: bad token ids, sampling values, tensor names/dtypes/shapes."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class OutOfRange(ServingError):
+    """The request asks past a limit: prompt + max_new_tokens beyond the context length."""
+
+    code = "OUT_OF_RANGE"
+
+
+class NotFound(ServingError):
+    """Unknown model name (KServe) or similar."""
+
+    code = "NOT_FOUND"
+
+
+class Unavailable(ServingError):
+    """The server is not ready (loading, failed its parity canary, shutting down)."""
+
+    code = "UNAVAILABLE"
+
+
+class BackendUnavailable(ServingError):
+    """A backend cannot run here: missing package, provider or device; or an incompatible engine."""
+
+    code = "FAILED_PRECONDITION"
