@@ -1,0 +1,155 @@
+"""Export-time validation: onnx checker, then an ONNX Runtime session against the PyTorch model.
+
+Checks go names -> shapes -> values over a fixed set of cases; every failure is collected and one
+``ValidationError`` carrying the whole report is raised at the end (optimum's habit), so a user
+sees everything that is wrong at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.compare import ComparisonReport, Tolerance, compare_logits
+from export.contract import LOGITS, IOContract
+from export.deps import require
+
+
+class ValidationError(Exception):
+    """The exported graph does not match the reference; ``report`` holds every failure."""
+
+    def __init__(self, report: ComparisonReport):
+        self.report = report
+        super().__init__(str(report))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One validation input: batch, new tokens, past length, and how many rows are left-padded."""
+
+    batch: int
+    seq: int
+    past: int
+    padded_rows: int = 0
+
+    @property
+    def name(self) -> str:
+        pad = f", {self.padded_rows} row left-padded" if self.padded_rows else ""
+        return f"B={self.batch},S={self.seq},P={self.past}{pad}"
+
+
+# The issue's minimum set: first step, a padded prefill, decode over a past, random past.
+DEFAULT_CASES = (Case(1, 1, 0), Case(2, 8, 0, padded_rows=1), Case(2, 1, 16), Case(3, 5, 7))
+
+
+def make_case_inputs(case: Case, contract: IOContract, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for one case. Padding is on the left of row 0 (3 pad tokens at the start)."""
+    rng = np.random.default_rng(seed)
+    b, s, p = case.batch, case.seq, case.past
+    ids = rng.integers(0, contract.vocab_size, (b, s), dtype=np.int64)
+    mask = np.ones((b, p + s), dtype=np.int64)
+    for r in range(case.padded_rows):
+        mask[r, : min(3, p + s - 1)] = 0
+    # positions count real tokens only, so a left-padded row starts at 0 like an unpadded one
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p:]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int64)}
+    for name in contract.past_names:
+        shape = contract.concrete_shape(name, batch=b, seq=s, past=p)
+        feeds[name] = rng.standard_normal(shape, dtype=np.float32)
+    return feeds
+
+
+def reference_outputs(model: Any, feeds: dict[str, np.ndarray], contract: IOContract) -> list[np.ndarray]:
+    """Run the PyTorch model on ``feeds``; outputs in contract order."""
+    torch = require("torch")
+    from export.onnx_export import flat_kv_decoder
+
+    decoder = flat_kv_decoder(model)
+    args = [torch.from_numpy(feeds[n]) for n in contract.input_names]
+    with torch.no_grad():
+        outs = decoder(*args)
+    return [o.float().numpy() for o in outs]
+
+
+def check_graph(onnx_path: Path, contract: IOContract) -> list[str]:
+    """onnx checker + the contract's names and symbolic shapes. Returns the problems found."""
+    onnx = require("onnx")
+    problems: list[str] = []
+    try:  # the path form handles external data and models over 2 GB
+        onnx.checker.check_model(str(onnx_path), full_check=False)
+    except Exception as e:  # noqa: BLE001 - the checker raises several types; report them all
+        problems.append(f"onnx checker: {type(e).__name__}: {e}")
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    for kind, got, want in (("inputs", [i.name for i in m.graph.input], contract.input_names),
+                            ("outputs", [o.name for o in m.graph.output], contract.output_names)):
+        if got != want:
+            missing = [n for n in want if n not in got]
+            extra = [n for n in got if n not in want]
+            problems.append(f"graph {kind} differ from the contract: missing {missing}, "
+                            f"unexpected {extra}" if (missing or extra)
+                            else f"graph {kind} are in a different order than the contract")
+    for vi in (*m.graph.input, *m.graph.output):
+        try:
+            spec = contract.spec(vi.name)
+        except KeyError:
+            continue
+        dims = tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
+        if len(dims) != len(spec.shape):
+            problems.append(f"{vi.name}: rank {len(dims)}, contract says {len(spec.shape)} "
+                            f"{list(spec.shape)}")
+        elif any(isinstance(w, int) and g != w for g, w in zip(dims, spec.shape)):
+            problems.append(f"{vi.name}: shape {list(dims)}, contract says {list(spec.shape)}")
+    return problems
+
+
+def validate_export(onnx_path: str | Path, model: Any, tolerance: Tolerance, *,
+                    cases: tuple[Case, ...] = DEFAULT_CASES, providers: list[str] | None = None,
+                    raise_on_failure: bool = True) -> ComparisonReport:
+    """Validate the graph at ``onnx_path`` against ``model`` (names -> shapes -> values).
+
+    Raises:
+        ValidationError: when anything fails and ``raise_on_failure``; it lists every failure.
+    """
+    ort = require("onnxruntime")
+    onnx_path = Path(onnx_path)
+    contract = IOContract.for_config(model.config)
+    report = ComparisonReport(f"validation of {onnx_path.name}", tolerance)
+    report.errors.extend(check_graph(onnx_path, contract))
+    if report.errors:  # names/shapes wrong: values would only add noise
+        if raise_on_failure:
+            raise ValidationError(report)
+        return report
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"])
+    for i, case in enumerate(cases):
+        feeds = make_case_inputs(case, contract, seed=i)
+        try:
+            got = sess.run(None, feeds)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            report.errors.append(f"{case.name}: ONNX Runtime failed: {type(e).__name__}: {e}")
+            continue
+        ref = reference_outputs(model, feeds, contract)
+        shape_errors = [
+            f"{case.name}: {name} shape {list(g.shape)}, expected {list(r.shape)}"
+            for name, g, r in zip(contract.output_names, got, ref) if g.shape != r.shape
+        ]
+        if shape_errors:
+            report.errors.extend(shape_errors)
+            continue
+        valid = feeds["attention_mask"][:, case.past:].astype(bool)  # (B, S): unpadded positions
+        report.cases.append(compare_logits(ref[0], got[0], valid, tolerance, f"{case.name} {LOGITS}"))
+        # present must equal past followed by the new keys/values (the cache the next step reads),
+        # at unpadded positions: keys/values of padding are never attended to and may differ
+        kv_valid = feeds["attention_mask"].astype(bool)  # (B, P + S)
+        kv_err = max(float(np.abs(g - r).transpose(0, 2, 1, 3)[kv_valid].max())
+                     for g, r in zip(got[1:], ref[1:]))
+        if not np.isfinite(kv_err) or kv_err > max(tolerance.atol, 1e-3) * 10:
+            report.errors.append(f"{case.name}: present KV differs from the reference by {kv_err:.3g}")
+    if raise_on_failure and not report:
+        raise ValidationError(report)
+    return report
