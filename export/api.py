@@ -6,10 +6,10 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from export.compare import tolerance_for
 from export.contract import IOContract
