@@ -1,9 +1,108 @@
-"""CLI commands of the build stage (placeholder; filled in by its issue)."""
+"""CLI command of the build stage: ``gpt2-deploy build BUNDLE`` (ONNX -> TensorRT engine).
+
+The module top imports only typer and the standard library; the builder (and TensorRT, lazily)
+is imported inside the command body, so ``gpt2-deploy --help`` and ``--print-trtexec`` work
+where TensorRT is not installed.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+PRESET_NAMES = "server|orin-nano|orin-nx|agx-orin"
+
+
+def build(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `gpt2-deploy export`."),
+    preset: str = typer.Option(
+        "server", help=f"Edge preset: {PRESET_NAMES} (batch, context, workspace, precision)."
+    ),
+    precision: str = typer.Option(None, help="fp32|fp16|bf16 (default: the preset's, fp16)."),
+    workspace: str = typer.Option(None, help="Builder workspace limit, e.g. 2G or 512M (default: preset's)."),
+    opt_level: int = typer.Option(
+        None, "--opt-level", help="Builder optimization level 0-5 (TensorRT default 3)."
+    ),
+    version_compatible: bool = typer.Option(
+        False,
+        "--version-compatible",
+        help="Engine runs on later TensorRT versions and on the lean runtime (tensorrt_lean).",
+    ),
+    exclude_lean_runtime: bool = typer.Option(
+        False,
+        "--exclude-lean-runtime",
+        help="With --version-compatible: leave the lean runtime out "
+        "of the plan (the loader brings the same version's).",
+    ),
+    hardware_compat: str = typer.Option(
+        "none", "--hardware-compat", help="none|ampere_plus|same_compute_capability."
+    ),
+    timing_cache: Path = typer.Option(
+        None, "--timing-cache", help="Timing cache to load and update (default: beside the engine)."
+    ),
+    tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 in fp32 layers."),
+    max_batch: int = typer.Option(None, "--max-batch", help="Override the preset's max batch."),
+    max_context: int = typer.Option(None, "--max-context", help="Override the preset's max context."),
+    max_prompt: int = typer.Option(None, "--max-prompt", help="Override the preset's max prompt (prefill)."),
+    name: str = typer.Option(None, help="Engine file stem (default <preset>-<precision>[-vc])."),
+    device: int = typer.Option(0, help="CUDA device index to build on."),
+    print_trtexec: bool = typer.Option(
+        False,
+        "--print-trtexec",
+        help="Print the equivalent trtexec command line and exit (needs no TensorRT).",
+    ),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No build progress bars."),
+) -> None:
+    """Build a TensorRT engine from BUNDLE's ONNX graph into BUNDLE/engines/ (needs TensorRT + GPU)."""
+    from deploy.trt_build import BuildError, BuildOptions, build_engine, plan_build
+    from deploy.trtexec import format_command
+    from export.deps import MissingDependencyError
+    from export.manifest import Bundle, BundleError
+
+    opts = BuildOptions(
+        preset=preset,
+        precision=precision,
+        workspace=workspace,
+        opt_level=opt_level,
+        version_compatible=version_compatible,
+        exclude_lean_runtime=exclude_lean_runtime,
+        hardware_compat=hardware_compat,
+        timing_cache=timing_cache,
+        tf32=tf32,
+        max_batch=max_batch,
+        max_context=max_context,
+        max_prompt=max_prompt,
+        name=name,
+        progress=not no_progress,
+        device=device,
+    )
+    try:
+        b = Bundle.open(bundle, verify_hashes=not print_trtexec)
+        if print_trtexec:
+            plan = plan_build(b, opts)
+            typer.echo(
+                f"# {plan.preset.name}: {plan.preset.description}; {plan.precision}; profiles "
+                f"context (past 0, seq 1..{plan.limits.max_prompt}) and generation (seq 1, past "
+                f"1..{plan.limits.max_context - 1}), batch 1..{plan.limits.max_batch}"
+            )
+            for note in plan.notes:
+                typer.echo(f"# note: {note}")
+            typer.echo(format_command(plan.trtexec()))
+            return
+        entry = build_engine(b, opts)
+    except (ValueError, BundleError, MissingDependencyError, BuildError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2 if isinstance(e, ValueError) else 1) from None
+    typer.echo(
+        f"built {b.root / entry.file} in {entry.build_seconds:.1f} s: TensorRT {entry.tensorrt_version}, "
+        f"{entry.gpu_name} (sm {entry.compute_capability}), {entry.precision}"
+    )
+    for p in entry.profile_summary:
+        typer.echo(f"  profile {p['name']}: batch {p['batch']}, seq {p['seq']}, past {p['past']}")
+    for note in entry.notes:
+        typer.echo(f"  note: {note}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("build")(build)

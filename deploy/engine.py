@@ -1,0 +1,343 @@
+"""A TensorRT engine's manifest entry, and the decision whether a runtime may load it.
+
+The builder records one ``EngineEntry`` per engine in ``Manifest.engines``; the TensorRT backend
+reads it back and asks ``check_compatibility`` before handing the plan to TensorRT, so that a
+mismatch is refused with a message naming what was built and what is running, instead of a null
+engine and a log line from inside ``deserialize_cuda_engine``.
+
+The rules follow TensorRT's "Engine Compatibility" documentation (TensorRT 10/11):
+- a plain engine runs only on the TensorRT version that built it (major.minor.patch) and on a GPU
+  of the compute capability it was built on;
+- a version-compatible engine (``BuilderFlag.VERSION_COMPATIBLE``) runs on the building version
+  and later ones (and on the lean runtime); with ``EXCLUDE_LEAN_RUNTIME`` the plan carries no
+  lean runtime, so the runtime that loads it must be the lean runtime of the *same* version;
+- ``HardwareCompatibilityLevel.AMPERE_PLUS`` lifts the compute-capability match to "any GPU of
+  compute capability >= 8.0"; ``SAME_COMPUTE_CAPABILITY`` allows other GPUs of the same one.
+
+Only the standard library is imported at module level; ``cuda_device_info`` imports cuda-python
+lazily (see ``serving/backends/trt_backend.py`` for why cuda-python and not torch).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from export.deps import require
+
+ENGINES_DIR = "engines"
+HARDWARE_COMPAT_LEVELS = ("none", "ampere_plus", "same_compute_capability")
+
+
+def parse_version(v: str) -> tuple[int, ...]:
+    """'10.13.3.9' -> (10, 13, 3, 9); non-numeric tails are dropped ('11.0.0rc1' -> (11, 0, 0))."""
+    out = []
+    for part in str(v).split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        out.append(int(m.group()))
+    if not out:
+        raise ValueError(f"not a version string: {v!r}")
+    return tuple(out)
+
+
+def parse_compute_capability(cc: str | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(cc, tuple):
+        return int(cc[0]), int(cc[1])
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One built engine, as recorded in ``Manifest.engines`` (newest last).
+
+    Args:
+        file: Bundle-relative path of the plan (``engines/<name>.engine``).
+        timing_cache: Bundle-relative path of the timing cache saved beside it (or None).
+        tensorrt_version: ``tensorrt.__version__`` of the builder.
+        gpu_name: The build GPU's name.
+        compute_capability: The build GPU's compute capability, "major.minor".
+        precision: fp32, fp16 or bf16.
+        tf32: Whether TF32 matmuls were allowed (fp32 engines compare with the "tf32" tolerance).
+        profiles: ``ProfileSpec.to_json()`` for each optimization profile, in profile order.
+        profile_summary: Per-profile axis ranges (batch/seq/past/total).
+        flags: version_compatible, exclude_lean_runtime, hardware_compatibility_level,
+            builder_optimization_level, workspace_bytes, strongly_typed.
+        preset: The edge preset the limits came from.
+        limits: The resolved limits (max_batch, max_context, max_prompt, opt_*).
+        build_seconds: Wall time of ``build_serialized_network``.
+        built_at: UTC timestamp (ISO 8601).
+        onnx_file: Bundle-relative ONNX path it was built from.
+        onnx_sha256: That file's sha256 (the engine is stale if the bundle's graph changes).
+        fp32_layers: How many layers were pinned to fp32 (normalization/softmax/logits).
+        notes: Anything the build wants the reader to know (warnings).
+    """
+
+    file: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    profiles: list[dict[str, Any]]
+    onnx_file: str
+    onnx_sha256: str
+    timing_cache: str | None = None
+    tf32: bool = False
+    profile_summary: list[dict[str, Any]] = field(default_factory=list)
+    flags: dict[str, Any] = field(default_factory=dict)
+    preset: str = ""
+    limits: dict[str, Any] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    built_at: str = ""
+    fp32_layers: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def version_compatible(self) -> bool:
+        return bool(self.flags.get("version_compatible", False))
+
+    @property
+    def exclude_lean_runtime(self) -> bool:
+        return bool(self.flags.get("exclude_lean_runtime", False))
+
+    @property
+    def hardware_compatibility_level(self) -> str:
+        return str(self.flags.get("hardware_compatibility_level", "none"))
+
+    @property
+    def tolerance_name(self) -> str:
+        """The ``export.compare`` tolerance preset this engine is held to."""
+        if self.precision == "fp32":
+            return "tf32" if self.tf32 else "fp32"
+        return self.precision
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EngineEntry:
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [
+            k
+            for k in (
+                "file",
+                "tensorrt_version",
+                "gpu_name",
+                "compute_capability",
+                "precision",
+                "profiles",
+                "onnx_file",
+                "onnx_sha256",
+            )
+            if k not in d
+        ]
+        if missing:
+            raise ValueError(f"engine entry {d.get('file', '?')!r} lacks {missing}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def upsert_engine(engines: list[dict[str, Any]], entry: EngineEntry) -> list[dict[str, Any]]:
+    """``engines`` with ``entry`` replacing any entry for the same file, appended last (newest)."""
+    return [e for e in engines if e.get("file") != entry.file] + [entry.to_json()]
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What is about to load an engine: the TensorRT module and the GPU.
+
+    Args:
+        module: "tensorrt" (full runtime) or "tensorrt_lean".
+        tensorrt_version: That module's ``__version__``.
+        compute_capability: The GPU's "major.minor".
+        gpu_name: The GPU's name.
+        lean_library: A lean runtime library loaded with ``Runtime.load_runtime`` (or None).
+    """
+
+    module: str
+    tensorrt_version: str
+    compute_capability: str
+    gpu_name: str = ""
+    lean_library: str | None = None
+
+
+@dataclass
+class Compatibility:
+    """The decision: truthy when the runtime may load the engine; ``problems`` say why not."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        if self:
+            return "compatible" + (f" ({'; '.join(self.notes)})" if self.notes else "")
+        return "; ".join(self.problems)
+
+
+def check_compatibility(entry: EngineEntry, rt: RuntimeInfo) -> Compatibility:
+    """Whether ``rt`` may load ``entry``'s engine (every reason it may not, at once)."""
+    out = Compatibility()
+    built, running = parse_version(entry.tensorrt_version), parse_version(rt.tensorrt_version)
+    vc = entry.version_compatible
+    built_s = f"TensorRT {entry.tensorrt_version}"
+    run_s = f"{rt.module} {rt.tensorrt_version}"
+
+    # --- TensorRT version ---------------------------------------------------------------------
+    if rt.module == "tensorrt_lean" and not vc:
+        out.problems.append(
+            f"the engine was built without --version-compatible, and the lean runtime ({run_s}) "
+            "runs only version-compatible engines; rebuild with --version-compatible or install the "
+            "full 'tensorrt' package"
+        )
+    if not vc:
+        if built[:3] != running[:3]:
+            out.problems.append(
+                f"the engine was built with {built_s} and this runtime is {run_s}; a plain engine runs "
+                "only on the TensorRT version that built it: rebuild it here (`gpt2-deploy build`) or "
+                "build with --version-compatible"
+            )
+    elif entry.exclude_lean_runtime:
+        same = built[:3] == running[:3]
+        if not same and not rt.lean_library:
+            out.problems.append(
+                f"the engine was built with {built_s} as version-compatible without an embedded lean "
+                f"runtime (--exclude-lean-runtime); it needs the lean runtime of exactly that version, "
+                f"and this runtime is {run_s}: install tensorrt-lean=={entry.tensorrt_version} or pass "
+                "the matching libnvinfer_lean library"
+            )
+    elif running[:2] < built[:2]:
+        out.problems.append(
+            f"the engine was built with {built_s}, newer than this runtime ({run_s}); a "
+            "version-compatible engine runs on its own and later TensorRT versions only"
+        )
+    elif built[:3] != running[:3]:
+        out.notes.append(f"version-compatible engine from {built_s} on {run_s}")
+
+    # --- GPU ----------------------------------------------------------------------------------
+    level = entry.hardware_compatibility_level
+    b_cc, r_cc = (
+        parse_compute_capability(entry.compute_capability),
+        parse_compute_capability(rt.compute_capability),
+    )
+    if level == "ampere_plus":
+        if r_cc < (8, 0):
+            out.problems.append(
+                f"the engine was built with hardware compatibility 'ampere_plus', which needs compute "
+                f"capability >= 8.0; this GPU ({rt.gpu_name or '?'}) is {rt.compute_capability}"
+            )
+    elif b_cc != r_cc:
+        hint = (
+            ""
+            if level != "none"
+            else "; engines are not portable across GPU architectures: rebuild on this device, or build "
+            "with --hardware-compat ampere_plus for Ampere and newer discrete GPUs"
+        )
+        out.problems.append(
+            f"the engine was built on {entry.gpu_name} (compute capability {entry.compute_capability}) "
+            f"and this GPU is {rt.gpu_name or '?'} (compute capability {rt.compute_capability}){hint}"
+        )
+    elif level == "none" and rt.gpu_name and entry.gpu_name and rt.gpu_name != entry.gpu_name:
+        out.notes.append(
+            f"built on {entry.gpu_name}, running on {rt.gpu_name} (same compute capability); "
+            "TensorRT may still reject the plan or run it slower"
+        )
+    return out
+
+
+# --- CUDA device queries (cuda-python, imported lazily) -------------------------------------------
+def cudart() -> Any:
+    """cuda-python's runtime module: ``cuda.bindings.runtime`` (cuda-python >= 12.6; the only path in
+    13.x), else the legacy ``cuda.cudart`` of older 12.x releases."""
+    try:
+        from cuda.bindings import runtime  # type: ignore[import-not-found]
+
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart as legacy  # type: ignore[import-not-found]
+
+        return legacy
+    except ImportError:
+        return require("cuda.bindings.runtime")  # raises MissingDependencyError naming the extra
+
+
+def cuda_check(result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` tuple, raising on an error code.
+
+    Every cuda-python call returns the error first (cuda-python's documented convention).
+    """
+    rt = cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != int(rt.cudaError_t.cudaSuccess):
+        _, msg = rt.cudaGetErrorString(err)
+        text = msg.decode() if isinstance(msg, bytes) else str(msg)
+        raise RuntimeError(f"CUDA error in {what}: {getattr(err, 'name', err)}: {text}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    compute_capability: str
+    total_memory: int
+    integrated: bool  # Jetson: GPU shares the host's memory
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 tensor-core math exists from Ampere (compute capability 8.0) on; Orin is 8.7."""
+        return parse_compute_capability(self.compute_capability) >= (8, 0)
+
+
+def cuda_device_info(index: int = 0) -> DeviceInfo:
+    """Name, compute capability and memory of CUDA device ``index``.
+
+    Raises:
+        MissingDependencyError: cuda-python is not installed.
+        RuntimeError: no usable CUDA device/driver (the CUDA error is in the message).
+    """
+    rt = cudart()
+    count = cuda_check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    if index >= count:
+        raise RuntimeError(f"CUDA device {index} does not exist; {count} device(s) visible")
+    prop = cuda_check(rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+    name = (
+        prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+    )
+    return DeviceInfo(
+        index, name, f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem), bool(prop.integrated)
+    )
+
+
+def tensorrt_unavailable_reason(module: str = "tensorrt") -> str | None:
+    """Why TensorRT cannot run here (None when ``import <module>`` and a CUDA GPU both work).
+
+    The `trt` tests skip with this reason; ``make gpu-check`` prints it.
+    """
+    import importlib
+
+    names = [module, "tensorrt_lean_bindings"] if module == "tensorrt_lean" else [module]
+    for name in names:  # the lean bindings wheel alone installs the module as tensorrt_lean_bindings
+        try:
+            importlib.import_module(name)
+            break
+        except ImportError as e:
+            err = e
+    else:
+        return (
+            f"{module} is not installed here (import {module}: {err}); the trt tests run where NVIDIA's "
+            "tensorrt wheel, a TensorRT container or JetPack provides it (`make test-gpu`)"
+        )
+    try:
+        cuda_device_info(0)
+    except Exception as e:  # noqa: BLE001 - any failure means no usable GPU
+        return f"{module} imports but no CUDA GPU is usable ({type(e).__name__}: {e})"
+    return None

@@ -1,0 +1,252 @@
+"""Edge presets and the TensorRT optimization profiles derived from them.
+
+A preset names a deployment target and the limits an engine is built for there: the largest batch,
+the longest context (prompt + generated tokens), the longest prompt handled in one prefill, the
+builder's workspace and the default precision. The limits are chosen from the target's memory
+budget; the numbers below are for GPT-2 124M/355M (the sizes that fit every target) and are
+clipped to the model's own context length (``n_positions``) when profiles are computed.
+
+Two optimization profiles are derived for the KV-cache decoder graph (``export.contract``):
+
+    profile 0 "context"    (prefill)  past = 0,            seq in [1, max_prompt]
+    profile 1 "generation" (decode)   past in [1, ctx - 1], seq = 1
+
+so TensorRT tunes prefill kernels for long sequences and decode kernels for seq = 1 separately
+(one ``opt`` point cannot serve both). ``total = past + seq`` is its own symbol in the contract,
+so the attention mask's range is spelled out per profile.
+
+Only the standard library is imported here: ``--print-trtexec`` and the CPU tests read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from export.contract import BATCH, PAST, SEQ, TOTAL, IOContract
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class EdgePreset:
+    """Build limits for one deployment target.
+
+    Args:
+        name: The preset's CLI name.
+        description: The target hardware.
+        max_batch: Largest batch either profile accepts.
+        max_context: Longest past + new tokens (clipped to the model's n_positions).
+        max_prompt: Longest prompt run as one prefill (longer prompts are continued token by token
+            through the generation profile by the backend).
+        opt_batch: Batch size the kernels are tuned for.
+        opt_prompt: Prompt length the prefill kernels are tuned for.
+        workspace: Builder memory-pool (workspace) limit in bytes: scratch memory for tactics.
+        precision: Default engine precision.
+        why: Where the numbers come from (shown by ``gpt2-deploy build --help`` and the docs).
+    """
+
+    name: str
+    description: str
+    max_batch: int
+    max_context: int
+    max_prompt: int
+    opt_batch: int
+    opt_prompt: int
+    workspace: int
+    precision: str
+    why: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Memory budgets (GPT-2 124M, fp16 weights ~250 MB; the KV cache per token per sequence is
+# n_layer * 2 * n_embd * 4 bytes = 72 KB in fp32 I/O, and the TensorRT backend keeps two copies
+# (ping-pong) at the maximum shape: 2 * max_batch * max_context * 72 KB).
+PRESETS: dict[str, EdgePreset] = {
+    "server": EdgePreset(
+        "server",
+        "data-centre GPU (A100/H100/L40, 24-80 GB)",
+        max_batch=16,
+        max_context=1024,
+        max_prompt=1024,
+        opt_batch=8,
+        opt_prompt=128,
+        workspace=8 * GiB,
+        precision="fp16",
+        why="KV ping-pong at B=16, T=1024: 2.4 GB for 124M, 20 GB for 1.5B: fits a 24 GB card for "
+        "124M-774M and an 80 GB card for every size; 8 GiB workspace lets the builder try "
+        "every tactic.",
+    ),
+    "orin-nano": EdgePreset(
+        "orin-nano",
+        "Jetson Orin Nano 8 GB (shared CPU/GPU LPDDR5, 68-102 GB/s)",
+        max_batch=2,
+        max_context=512,
+        max_prompt=256,
+        opt_batch=1,
+        opt_prompt=64,
+        workspace=1 * GiB,
+        precision="fp16",
+        why="8 GB is shared with the OS and the app (~3-4 GB usable for inference); KV ping-pong "
+        "at B=2, T=512 is 150 MB for 124M; a 1 GiB workspace keeps the build itself from "
+        "being OOM-killed on the device.",
+    ),
+    "orin-nx": EdgePreset(
+        "orin-nx",
+        "Jetson Orin NX 16 GB (shared LPDDR5, 102 GB/s)",
+        max_batch=4,
+        max_context=1024,
+        max_prompt=512,
+        opt_batch=1,
+        opt_prompt=128,
+        workspace=2 * GiB,
+        precision="fp16",
+        why="~10 GB usable: KV ping-pong at B=4, T=1024 is 600 MB for 124M, 1.6 GB for 355M; "
+        "2 GiB workspace.",
+    ),
+    "agx-orin": EdgePreset(
+        "agx-orin",
+        "Jetson AGX Orin 64 GB (shared LPDDR5, 205 GB/s)",
+        max_batch=8,
+        max_context=1024,
+        max_prompt=1024,
+        opt_batch=4,
+        opt_prompt=128,
+        workspace=4 * GiB,
+        precision="fp16",
+        why="~50 GB usable: KV ping-pong at B=8, T=1024 is 1.2 GB for 124M, 10 GB for 1.5B; 4 GiB workspace.",
+    ),
+}
+
+
+def get_preset(name: str) -> EdgePreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """One optimization profile: input name -> (min, opt, max) shapes."""
+
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    def axis_range(self, contract: IOContract, axis: str) -> tuple[int, int, int]:
+        """(min, opt, max) of one symbolic axis, read back from the shapes."""
+        for spec in contract.inputs:
+            if axis in spec.shape:
+                i = spec.shape.index(axis)
+                lo, opt, hi = self.shapes[spec.name]
+                return lo[i], opt[i], hi[i]
+        raise KeyError(axis)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProfileSpec:
+        return cls(
+            d["name"],
+            {
+                k: tuple(tuple(int(x) for x in s) for s in v)  # type: ignore[misc]
+                for k, v in d["shapes"].items()
+            },
+        )
+
+
+CONTEXT_PROFILE = 0
+GENERATION_PROFILE = 1
+
+
+@dataclass(frozen=True)
+class ProfileLimits:
+    """The limits profiles are computed from (a preset, clipped to the model and overrides)."""
+
+    max_batch: int
+    max_context: int
+    max_prompt: int
+    opt_batch: int
+    opt_prompt: int
+
+    @classmethod
+    def resolve(
+        cls,
+        preset: EdgePreset,
+        n_positions: int,
+        *,
+        max_batch: int | None = None,
+        max_context: int | None = None,
+        max_prompt: int | None = None,
+    ) -> ProfileLimits:
+        """Clip the preset (or the overrides) to the model's context; check consistency.
+
+        Raises:
+            ValueError: listing every inconsistent limit.
+        """
+        b = max_batch if max_batch is not None else preset.max_batch
+        ctx = min(max_context if max_context is not None else preset.max_context, n_positions)
+        prompt = min(max_prompt if max_prompt is not None else preset.max_prompt, ctx)
+        problems = []
+        if b < 1:
+            problems.append(f"max batch must be >= 1, got {b}")
+        if ctx < 2:
+            problems.append(f"max context must be >= 2 (one prompt token + one generated), got {ctx}")
+        if prompt < 1:
+            problems.append(f"max prompt must be >= 1, got {prompt}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(b, ctx, prompt, min(preset.opt_batch, b), min(preset.opt_prompt, prompt))
+
+
+def compute_profiles(contract: IOContract, limits: ProfileLimits) -> list[ProfileSpec]:
+    """The context and generation profiles for every input of ``contract``.
+
+    The context profile has past = 0 in min, opt and max: the past KV inputs are empty tensors
+    (B, nh, 0, hs). TensorRT 10+ accepts zero-length dimensions in a profile; at run time an empty
+    tensor still needs a non-null address (the backend binds its preallocated buffers).
+    """
+    b, ctx, prompt = limits.max_batch, limits.max_context, limits.max_prompt
+    ob = limits.opt_batch
+    # (min, opt, max) per axis, per profile
+    context_axes = {
+        BATCH: (1, ob, b),
+        SEQ: (1, limits.opt_prompt, prompt),
+        PAST: (0, 0, 0),
+        TOTAL: (1, limits.opt_prompt, prompt),
+    }
+    opt_past = max(1, ctx // 2)
+    generation_axes = {
+        BATCH: (1, ob, b),
+        SEQ: (1, 1, 1),
+        PAST: (1, opt_past, ctx - 1),
+        TOTAL: (2, opt_past + 1, ctx),
+    }
+
+    def shapes(axes: dict[str, tuple[int, int, int]]):
+        out = {}
+        for spec in contract.inputs:
+            mins, opts, maxs = [], [], []
+            for a in spec.shape:
+                lo, opt, hi = axes[a] if isinstance(a, str) else (a, a, a)
+                mins.append(lo)
+                opts.append(opt)
+                maxs.append(hi)
+            out[spec.name] = (tuple(mins), tuple(opts), tuple(maxs))
+        return out
+
+    return [ProfileSpec("context", shapes(context_axes)), ProfileSpec("generation", shapes(generation_axes))]
+
+
+def profile_summary(profiles: list[ProfileSpec], contract: IOContract) -> list[dict[str, Any]]:
+    """Per-profile axis ranges, for the manifest and the CLI's printout."""
+    return [
+        {"name": p.name, **{axis: list(p.axis_range(contract, axis)) for axis in (BATCH, SEQ, PAST, TOTAL)}}
+        for p in profiles
+    ]

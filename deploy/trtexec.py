@@ -1,0 +1,96 @@
+"""The ``trtexec`` command line equivalent to a ``gpt2-deploy build``: for users who build with NVIDIA's
+own tool (e.g. on a Jetson with JetPack's ``/usr/src/tensorrt/bin/trtexec``) or want to compare.
+
+Pure string work: works without TensorRT, torch or a GPU (``gpt2-deploy build --print-trtexec``).
+
+Flag spellings follow trtexec's ``--help`` (TensorRT 10.x): ``--minShapes/--optShapes/--maxShapes``
+are given once per optimization profile, in profile order (trtexec builds one profile per set);
+``--memPoolSize=workspace:N`` is in MiB; ``--precisionConstraints=obey`` with ``--layerPrecisions``
+and ``--layerOutputTypes`` pins named layers to fp32; ``--hardwareCompatibilityLevel`` takes
+``none`` or ``ampere+``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from deploy.presets import MiB, ProfileSpec
+
+
+def shape_spec(shapes: dict[str, tuple[int, ...]]) -> str:
+    """``{'input_ids': (1, 8)}`` -> ``input_ids:1x8`` (comma-joined, trtexec's spec syntax)."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+
+
+def trtexec_command(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    profiles: Sequence[ProfileSpec],
+    *,
+    precision: str = "fp32",
+    tf32: bool = False,
+    workspace: int | None = None,
+    opt_level: int | None = None,
+    version_compatible: bool = False,
+    exclude_lean_runtime: bool = False,
+    hardware_compat: str = "none",
+    timing_cache: str | Path | None = None,
+    fp32_layers: Sequence[str] = (),
+    strongly_typed: bool = False,
+) -> list[str]:
+    """The argv of a ``trtexec`` run that builds the same engine.
+
+    Args:
+        onnx_path: The graph to parse (its external data must sit beside it).
+        engine_path: Where ``--saveEngine`` writes the plan.
+        profiles: Optimization profiles, in order (context first, then generation).
+        precision: fp32, fp16 or bf16. With ``strongly_typed`` the graph carries the types and
+            no precision flag is given (TensorRT 11 removed ``--fp16/--bf16``).
+        tf32: Allow TF32 for fp32 math (trtexec's default); False adds ``--noTF32``.
+        workspace: Workspace memory-pool limit in bytes.
+        opt_level: Builder optimization level (0-5).
+        version_compatible: ``--versionCompatible`` (runs on later TensorRT and the lean runtime).
+        exclude_lean_runtime: ``--excludeLeanRuntime`` (only with version_compatible).
+        hardware_compat: none, ampere_plus or same_compute_capability.
+        timing_cache: ``--timingCacheFile`` (loaded and saved).
+        fp32_layers: TensorRT layer names to keep in fp32 (LayerNorm, Softmax, logits).
+        strongly_typed: ``--stronglyTyped`` (TensorRT 10.x opt-in; always on in 11.x).
+    """
+    argv = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--skipInference"]
+    for p in profiles:
+        argv.append(f"--minShapes={shape_spec({k: v[0] for k, v in p.shapes.items()})}")
+        argv.append(f"--optShapes={shape_spec({k: v[1] for k, v in p.shapes.items()})}")
+        argv.append(f"--maxShapes={shape_spec({k: v[2] for k, v in p.shapes.items()})}")
+    if strongly_typed:
+        argv.append("--stronglyTyped")
+    elif precision == "fp16":
+        argv.append("--fp16")
+    elif precision == "bf16":
+        argv.append("--bf16")
+    if not tf32:
+        argv.append("--noTF32")
+    if fp32_layers and precision != "fp32" and not strongly_typed:
+        spec = ",".join(f"{name}:fp32" for name in fp32_layers)
+        argv += ["--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
+    if workspace is not None:
+        argv.append(f"--memPoolSize=workspace:{max(1, workspace // MiB)}")
+    if opt_level is not None:
+        argv.append(f"--builderOptimizationLevel={opt_level}")
+    if version_compatible:
+        argv.append("--versionCompatible")
+        if exclude_lean_runtime:
+            argv.append("--excludeLeanRuntime")
+    if hardware_compat == "ampere_plus":
+        argv.append("--hardwareCompatibilityLevel=ampere+")
+    elif hardware_compat == "same_compute_capability":
+        argv.append("--hardwareCompatibilityLevel=sameComputeCapability")
+    if timing_cache is not None:
+        argv.append(f"--timingCacheFile={timing_cache}")
+    return argv
+
+
+def format_command(argv: Sequence[str]) -> str:
+    """Shell-quoted, one flag per line with backslash continuations (copy-pasteable)."""
+    return " \\\n    ".join(shlex.quote(a) for a in argv)

@@ -1,0 +1,225 @@
+"""The TensorRT backend: refusal paths on any machine; real engines (marked trt) where TensorRT runs.
+
+No test here pretends an engine ran: without TensorRT only the checks that come before TensorRT
+(device, manifest, imports, compatibility decisions) are exercised.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from deploy.engine import EngineEntry, RuntimeInfo, tensorrt_unavailable_reason, upsert_engine
+from export.manifest import Bundle
+from serving.backends import BackendOptions, create_backend
+from serving.backends.trt_backend import TensorRTBackend, import_tensorrt
+from serving.errors import BackendUnavailable, InvalidInput, OutOfRange
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle.root, dst, ignore=shutil.ignore_patterns("engines"))
+    return Bundle.open(dst, verify_hashes=False)
+
+
+def _record(bundle: Bundle, **over) -> EngineEntry:
+    """A manifest entry for a (non-runnable) engine file: enough to reach the checks before TensorRT."""
+    m = bundle.manifest
+    e = EngineEntry(
+        file="engines/x.engine",
+        tensorrt_version="10.13.3.9",
+        gpu_name="NVIDIA H100",
+        compute_capability="9.0",
+        precision="fp16",
+        profiles=[],
+        onnx_file=m.model_file,
+        onnx_sha256=m.files[m.model_file].sha256,
+        flags={"version_compatible": False},
+        preset="server",
+    )
+    e = replace(e, **over)
+    (bundle.root / "engines").mkdir(exist_ok=True)
+    (bundle.root / e.file).write_bytes(b"not a plan")
+    bundle.update_manifest(replace(m, engines=upsert_engine(m.engines, e)))
+    return e
+
+
+def test_registered_and_cheap_to_construct(tiny_bundle):
+    be = create_backend("tensorrt", tiny_bundle, BackendOptions(device="cuda"))
+    assert isinstance(be, TensorRTBackend) and not be.is_loaded  # no TensorRT, no CUDA touched yet
+
+
+def test_refuses_a_cpu_device(tiny_bundle):
+    with pytest.raises(BackendUnavailable, match="CUDA devices only; device 'cpu' given"):
+        create_backend("tensorrt", tiny_bundle).load()
+
+
+def test_refuses_a_bundle_without_engines(bundle_copy):
+    with pytest.raises(BackendUnavailable, match="has no TensorRT engine; build one with `gpt2-deploy build"):
+        create_backend("tensorrt", bundle_copy, BackendOptions(device="cuda")).load()
+
+
+def test_refuses_an_unrecorded_engine_path(bundle_copy):
+    _record(bundle_copy)
+    be = create_backend("tensorrt", bundle_copy, BackendOptions(device="cuda", engine="engines/other.engine"))
+    with pytest.raises(
+        BackendUnavailable, match=r"not recorded in the bundle; recorded engines: \['engines/x.engine'\]"
+    ):
+        be.load()
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason("tensorrt") is None, reason="TensorRT is installed here")
+def test_error_when_tensorrt_is_absent_names_both_runtimes_and_extras(bundle_copy):
+    _record(bundle_copy)
+    with pytest.raises(BackendUnavailable) as e:
+        create_backend(
+            "tensorrt", bundle_copy, BackendOptions(device="cuda", extra={"runtime": "tensorrt"})
+        ).load()
+    assert "cannot be imported here" in str(e.value) and "gpt2-deploy[tensorrt]" in str(e.value)
+    assert "gpt2-deploy[tensorrt-lean]" in str(e.value)
+    with pytest.raises(BackendUnavailable, match="runtime 'tensorrt_rtx' is not one of auto, tensorrt"):
+        import_tensorrt("tensorrt_rtx")
+
+
+def test_engine_selection_reports_every_engine_it_refused(bundle_copy):
+    _record(bundle_copy, file="engines/old.engine", tensorrt_version="10.8.0.43")
+    _record(bundle_copy, file="engines/stale.engine", onnx_sha256="0" * 64)
+    _record(bundle_copy, file="engines/orin.engine", compute_capability="8.7", gpu_name="Orin")
+    be = TensorRTBackend(Bundle.open(bundle_copy.root), BackendOptions(device="cuda"))
+    here = RuntimeInfo("tensorrt", "10.13.3.9", "9.0", "NVIDIA H100")
+    with pytest.raises(BackendUnavailable) as e:
+        be._select_entry(here)
+    msg = str(e.value)
+    assert "engines/old.engine: the engine was built with TensorRT 10.8.0.43" in msg
+    assert "engines/stale.engine: it was built from a different model.onnx" in msg
+    assert "engines/orin.engine: the engine was built on Orin (compute capability 8.7)" in msg
+    # newest first: a runnable engine recorded last wins
+    _record(bundle_copy, file="engines/good.engine")
+    be = TensorRTBackend(Bundle.open(bundle_copy.root), BackendOptions(device="cuda"))
+    assert be._select_entry(here).file == "engines/good.engine"
+
+
+# --- real engines ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engines(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with fp32, fp16 and a version-compatible fp32 engine (built once)."""
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from deploy.trt_build import BuildOptions, build_engine
+
+    dst = tmp_path_factory.mktemp("trt-serve") / "tiny"
+    shutil.copytree(tiny_bundle.root, dst)
+    b = Bundle.open(dst)
+    # a small prompt limit so that longer prompts exercise the token-by-token continuation
+    common = dict(preset="orin-nano", max_batch=2, max_prompt=16, opt_level=1, progress=False)
+    built = {p: build_engine(b, BuildOptions(precision=p, **common)) for p in ("fp16", "fp32")}
+    built["vc"] = build_engine(b, BuildOptions(precision="fp32", version_compatible=True, **common))
+    return Bundle.open(dst), built
+
+
+def _trt(bundle, entry, **extra):
+    return create_backend(
+        "tensorrt", bundle, BackendOptions(device="cuda", engine=entry.file, extra=extra)
+    ).load()
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_teacher_forced_parity_with_the_reference(engines, precision):
+    from export.compare import tolerance_for
+    from serving.parity import reference_backend, teacher_forced_parity
+
+    bundle, built = engines
+    entry = built[precision]
+    rng = np.random.default_rng(0)
+    # prompt 24 > max_prompt 16: the backend prefills 16 and continues token by token
+    seqs = [rng.integers(0, bundle.dims.vocab_size, 24 + 8).tolist() for _ in range(2)]
+    with _trt(bundle, entry) as served, reference_backend(bundle, "cpu") as ref:
+        report = teacher_forced_parity(served, ref, seqs, tolerance_for(entry.tolerance_name), 24)
+        print(report)
+        assert report, str(report)
+        assert served.info()["precision"] == precision and served.info()["max_prompt"] == 16
+
+
+@pytest.mark.trt
+def test_batch_left_padding_and_last_only(engines):
+    from export.compare import compare_logits, tolerance_for
+    from serving.parity import reference_backend
+
+    bundle, built = engines
+    ids = np.array([[11, 12, 13, 14, 15], [50256, 50256, 21, 22, 23]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=np.int64)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    tol = tolerance_for(built["fp32"].tolerance_name)
+    with _trt(bundle, built["fp32"]) as served, reference_backend(bundle, "cpu") as ref:
+        a, r = served.forward(ids, mask, pos), ref.forward(ids, mask, pos)
+        assert compare_logits(r.logits, a.logits, mask.astype(bool), tol, "prefill")
+        nxt = np.array([[7], [8]], dtype=np.int64)
+        mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        pos2 = pos[:, -1:] + 1
+        a2 = served.forward(nxt, mask2, pos2, a.present, last_only=True)
+        r2 = ref.forward(nxt, mask2, pos2, r.present, last_only=True)
+        assert a2.logits.shape == (2, 1, bundle.dims.vocab_size)
+        assert compare_logits(r2.logits, a2.logits, None, tol, "decode")
+        # the superseded cache is refused, not silently reused
+        with pytest.raises(InvalidInput, match="already advanced"):
+            served.forward(nxt, mask2, pos2, a.present)
+        with pytest.raises(OutOfRange, match="maximum batch 2"):
+            served.empty_cache(3)
+
+
+@pytest.mark.trt
+def test_lean_runtime_loads_the_version_compatible_engine(engines):
+    reason = tensorrt_unavailable_reason("tensorrt_lean")
+    if reason:
+        pytest.skip(reason)
+    from export.compare import tolerance_for
+    from serving.parity import reference_backend, teacher_forced_parity
+
+    bundle, built = engines
+    seq = list(range(100, 120))
+    with _trt(bundle, built["vc"], runtime="tensorrt_lean") as served, reference_backend(bundle) as ref:
+        assert served.info()["runtime"] == "tensorrt_lean"
+        report = teacher_forced_parity(served, ref, [seq], tolerance_for(built["vc"].tolerance_name), 12)
+        assert report, str(report)
+    # and the lean runtime refuses the plain engine before TensorRT sees it
+    with pytest.raises(BackendUnavailable, match="runs only version-compatible engines"):
+        _trt(bundle, built["fp32"], runtime="tensorrt_lean")
+
+
+@pytest.mark.trt
+def test_greedy_generation_through_the_grpc_server(engines):
+    import grpc
+
+    from serving.backends import create_backend as make
+    from serving.generation import GenerationRequest, Generator
+    from serving.proto import gpt2_deploy_pb2 as pb
+    from serving.proto import gpt2_deploy_pb2_grpc as pb_grpc
+    from serving.server import ServeOptions, build_server
+    from serving.tokenizer import Tokenizer
+
+    bundle, built = engines
+    prompt = [464, 2068, 7586, 21831, 18045]
+    # the reference's greedy continuation, generated by the same loop on the torch backend
+    tok = Tokenizer.from_dir(bundle.tokenizer_dir)
+    with make("torch", bundle) as ref:
+        want = Generator(ref, tok).generate(GenerationRequest(prompt, 12, stop_at_eos=False)).token_ids
+    opts = ServeOptions(bundle=bundle.root, backend="tensorrt", device="cuda", port=0, parity="strict")
+    backend = create_backend("tensorrt", bundle, BackendOptions(device="cuda", engine=built["fp32"].file))
+    with build_server(opts, backend=backend) as server:
+        with grpc.insecure_channel(server.address) as ch:
+            stub = pb_grpc.Gpt2DeployStub(ch)
+            msgs = list(
+                stub.Generate(
+                    pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_new_tokens=12, ignore_eos=True)
+                )
+            )
+            info = stub.ModelInfo(pb.ModelInfoRequest())
+    got = list(msgs[-1].finish.token_ids)
+    assert got == want, f"TensorRT greedy {got} != reference {want}"
+    assert "tensorrt" in str(info)
