@@ -35,8 +35,10 @@ on the runner's stream) and TensorRT's Python API docs (``set_device_memory``,
 
 from __future__ import annotations
 
+import gc
 import importlib
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -375,18 +377,25 @@ class TensorRTBackend(Backend):
                 f"({self.entry.file}, preset {self.entry.preset}); rebuild with a larger "
                 "--max-batch or split the batch"
             )
-        with self._lock:
-            slot = next((s for s in self._slots if s.free), None)
-            if slot is None:
-                if len(self._slots) >= self._max_slots:
-                    raise Unavailable(
-                        f"all {self._max_slots} KV-cache slots of the TensorRT backend are in use "
-                        "(one per live generation); raise extra['kv_slots'] or wait"
-                    )
-                slot = _KVSlot(len(self._slots), len(self.contract.past_names), self._kv_bytes)
-                self._slots.append(slot)
-            slot.version += 1  # whatever cache held this slot before is superseded
-            return TrtKVCache(batch, 0, slot, id(self))
+        # Every live generation holds one slot; when all are taken, wait a while for one to free
+        # (a finished or cancelled generation drops its cache) rather than fail at once.
+        deadline = time.monotonic() + float(self.options.extra.get("kv_slot_wait_s", 30.0))
+        while True:
+            with self._lock:
+                slot = next((s for s in self._slots if s.free), None)
+                if slot is None and len(self._slots) < self._max_slots:
+                    slot = _KVSlot(len(self._slots), len(self.contract.past_names), self._kv_bytes)
+                    self._slots.append(slot)
+                if slot is not None:
+                    slot.version += 1  # whatever cache held this slot before is superseded
+                    return TrtKVCache(batch, 0, slot, id(self))
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"all {self._max_slots} KV-cache slots of the TensorRT backend are in use "
+                    "(one per live generation); retry later or raise extra['kv_slots']"
+                )
+            gc.collect()  # a dropped cache may only be waiting for the collector (cycles)
+            time.sleep(0.02)
 
     def _forward(self, input_ids, attention_mask, position_ids, past, last_only) -> StepOutput:
         if not isinstance(past, TrtKVCache) or past.backend_id != id(self):
