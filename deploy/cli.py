@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from deploy.commands import build_cmd, export_cmd, serve_cmd
+from deploy.commands import build_cmd, export_cmd, parity_cmd, serve_cmd
 
 app = typer.Typer(
     name="gpt2-deploy",
@@ -21,6 +21,7 @@ app = typer.Typer(
 export_cmd.register(app)
 build_cmd.register(app)
 serve_cmd.register(app)
+parity_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,171 @@
+"""Parity against the reference: canary, per-step generation parity, shadow checks and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from export.compare import Tolerance, tolerance_for
+from export.manifest import Bundle
+from serving import parity
+from serving.backends import BackendOptions, create_backend
+from serving.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bundle):
+    return Tokenizer.from_dir(tiny_bundle.tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle):
+    ref = parity.reference_backend(tiny_bundle)
+    yield ref
+    ref.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle):
+    with create_backend("onnxruntime", tiny_bundle, BackendOptions(threads=1)) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def perturbed_bundle(tiny_bundle, tmp_path_factory) -> Bundle:
+    """A copy of the tiny bundle whose ONNX has really perturbed weights (manifest re-hashed)."""
+    import onnx
+    from onnx import numpy_helper
+
+    root = tmp_path_factory.mktemp("perturbed") / "tiny"
+    shutil.copytree(tiny_bundle.root, root)
+    model = onnx.load(str(root / tiny_bundle.manifest.model_file))
+    big = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the token embedding
+    w = numpy_helper.to_array(big)
+    noise = np.random.default_rng(0).normal(0, 0.05, w.shape).astype(w.dtype)
+    big.CopyFrom(numpy_helper.from_array(w + noise, big.name))
+    onnx.save(model, str(root / tiny_bundle.manifest.model_file))
+    m = tiny_bundle.manifest
+    rehashed = m.with_files(root, {rel: f.role for rel, f in m.files.items()})
+    rehashed.write(root)
+    return Bundle.open(root)
+
+
+def test_canary_passes_for_onnxruntime(served, reference, tokenizer):
+    tol = tolerance_for("fp32")
+    report = parity.run_canary(served, reference, tokenizer, tol, new_tokens=4)
+    assert report, str(report)
+    assert len(report.cases) == len(parity.DEFAULT_CANARY_PROMPTS) * (4 + 1)
+    assert report.first_diverging_step is None
+    assert 0 < report.max_abs <= tol.atol and report.top1_agreement == 1.0
+    assert "PASS" in str(report) and "step 4" in str(report)
+    d = json.loads(json.dumps(report.to_json()))
+    assert d["passed"] is True and d["served"] == "onnxruntime" and d["tolerance"]["name"] == "fp32"
+
+
+def test_canary_fails_on_really_perturbed_weights(perturbed_bundle, reference, tokenizer):
+    with create_backend("onnxruntime", perturbed_bundle) as bad:
+        report = parity.run_canary(bad, reference, tokenizer, tolerance_for("fp32"), new_tokens=2)
+    assert not report
+    assert report.first_diverging_step == 0  # wrong from the prefill on
+    assert report.max_abs > 1e-2
+    assert "first diverging step" in str(report) and "FAIL" in report.summary()
+
+
+def test_generation_parity_is_teacher_forced_per_step(served, reference, tokenizer):
+    ids = tokenizer.encode("one red")
+    report = parity.check_generation_parity(served, reference, tokenizer, ids, 6, tolerance_for("fp32"))
+    assert report and report.steps == 7
+    seq = parity.reference_continuations(reference, tokenizer, [ids], 6)[0]
+    assert [c.case for c in report.cases[:2]] == ["step 0 (prefill)", f"step 1 (token {seq[len(ids)]})"]
+    assert report.cases[0].positions == len(ids) and all(c.positions == 1 for c in report.cases[1:])
+
+
+def test_a_late_divergence_is_located(served, reference, tokenizer):
+    class DriftingOrt(type(served)):
+        """Real ORT logits, with an offset on one token from the 3rd decode step on."""
+
+        def _forward(self, *args):
+            out = super()._forward(*args)
+            if args[3].length >= 4:  # past length: prompt (2) + 2 generated
+                out.logits[..., 7] += 50.0
+            return out
+
+    with DriftingOrt(served.bundle) as drifting:
+        report = parity.check_generation_parity(drifting, reference, tokenizer,
+                                                tokenizer.encode("one red"), 5, tolerance_for("fp32"))
+    assert not report
+    assert report.first_diverging_step == 3
+    assert [bool(c) for c in report.cases] == [True, True, True, False, False, False]
+
+
+def test_tolerance_for_backend(tiny_bundle):
+    assert parity.tolerance_for_backend(tiny_bundle, "onnxruntime", "cpu").name == "fp32"
+    assert parity.tolerance_for_backend(tiny_bundle, "onnxruntime", "cuda:0").name == "tf32"
+    fp16 = Bundle(tiny_bundle.root, dataclasses.replace(tiny_bundle.manifest, precision="fp16"))
+    assert parity.tolerance_for_backend(fp16, "onnxruntime", "cuda").name == "fp16"
+    engine = Bundle(tiny_bundle.root, dataclasses.replace(tiny_bundle.manifest,
+                                                          engines=[{"precision": "int8"}]))
+    assert parity.tolerance_for_backend(engine, "tensorrt", "cuda").name == "int8"
+
+
+def test_shadow_parity_checks_off_the_hot_path(served, reference, tokenizer):
+    prompt = tokenizer.encode("one red")
+    generated = parity.reference_continuations(reference, tokenizer, [prompt], 4)[0][len(prompt):]
+    results = []
+    shadow = parity.ShadowParity(reference, tolerance_for("fp32"), rate=1.0, served=served,
+                                 on_result=results.append).start()
+    try:
+        assert shadow.maybe_submit(prompt, generated)
+        assert shadow.join(30)
+    finally:
+        shadow.stop()
+    assert shadow.counters() == {"submitted": 1, "dropped": 0, "checked": 1, "failed": 0, "skipped": 0,
+                                 "errors": 0}
+    assert results and results[0] and shadow.last_report is results[0]
+
+
+def test_shadow_token_mode_flags_tokens_the_reference_would_not_pick(reference, tokenizer):
+    prompt = tokenizer.encode("one red")
+    generated = parity.reference_continuations(reference, tokenizer, [prompt], 3)[0][len(prompt):]
+    shadow = parity.ShadowParity(reference, tolerance_for("fp32"), rate=1.0)
+    assert shadow.check(prompt, generated)
+    wrong = generated[:1] + [(generated[1] + 1) % 50257] + generated[2:]
+    report = shadow.check(prompt, wrong)
+    assert not report and report.first_diverging_step == 2
+    assert shadow.check(prompt, generated, greedy=False) is None  # sampled tokens: nothing to check
+
+
+def test_shadow_queue_is_bounded_and_sampled(reference):
+    tol = Tolerance("t", 1.0, 0.0)
+    full = parity.ShadowParity(reference, tol, rate=1.0, queue_size=1)  # not started: nothing drains
+    assert full.maybe_submit([1], [2]) and not full.maybe_submit([1], [2])
+    assert full.counters()["dropped"] == 1 and full.counters()["submitted"] == 1
+    never = parity.ShadowParity(reference, tol, rate=0.0)
+    assert not any(never.maybe_submit([1], [2]) for _ in range(20))
+    some = parity.ShadowParity(reference, tol, rate=0.5, queue_size=1000, seed=1)
+    n = sum(some.maybe_submit([1], [2]) for _ in range(400))
+    assert 150 < n < 250
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        parity.ShadowParity(reference, tol, rate=1.5)
+
+
+def test_parity_cli_reports_and_exits_by_verdict(tiny_bundle, perturbed_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "parity.json"
+    ok = runner.invoke(app, ["parity", str(tiny_bundle.root), "--backend", "onnxruntime",
+                             "--prompt", "one red", "--max-new-tokens", "3", "--json", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert "PASS" in ok.output and "step 3" in ok.output
+    assert json.loads(out.read_text())["passed"] is True
+    bad = runner.invoke(app, ["parity", str(perturbed_bundle.root), "-n", "2"])
+    assert bad.exit_code == 1 and "FAIL" in bad.output
+    missing = runner.invoke(app, ["parity", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
