@@ -1,9 +1,95 @@
-"""CLI commands of the serve stage (placeholder; filled in by its issue)."""
+"""CLI commands of the serve stage: ``gpt2-deploy serve BUNDLE`` and ``gpt2-deploy generate TEXT``."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("serve")(serve)
+    app.command("generate")(generate)
+
+
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`)."),
+    backend: str = typer.Option("onnxruntime", "--backend", "-b",
+                                help="onnxruntime, torch or tensorrt."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it."),
+    port: int = typer.Option(50051, "--port", "-p", help="gRPC port (0 picks a free one)."),
+    max_message_mb: int = typer.Option(256, "--max-message-mb",
+                                       help="Largest gRPC message, MiB (full-vocabulary logits)."),
+    grace: float = typer.Option(10.0, "--grace",
+                                help="Seconds in-flight streams get to finish on SIGTERM/SIGINT."),
+    parity: str = typer.Option("warn", "--parity",
+                               help="Startup canary: off | warn (failure -> health NOT_SERVING) | "
+                                    "strict (failure -> refuse to start, exit 3)."),
+    shadow_rate: float = typer.Option(0.0, "--shadow-rate",
+                                      help="Fraction of requests re-checked on the reference, off the "
+                                           "hot path."),
+    metrics_port: int = typer.Option(0, "--metrics-port",
+                                     help="Prometheus /metrics port on --host (0 = off)."),
+    workers: int = typer.Option(16, "--workers", help="gRPC worker threads."),
+    threads: int | None = typer.Option(None, "--threads", help="Backend intra-op threads."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Serve a bundle over gRPC (our API + KServe v2 + health + reflection) until SIGTERM/SIGINT."""
+    import logging
+
+    from serving.server import ServeOptions
+    from serving.server import serve as run
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = ServeOptions(bundle=bundle, backend=backend, device=device, host=host, port=port,
+                        max_message_mb=max_message_mb, grace_s=grace, parity=parity,
+                        shadow_rate=shadow_rate, metrics_port=metrics_port, workers=workers,
+                        threads=threads)
+    raise typer.Exit(run(opts))
+
+
+def generate(
+    text: str = typer.Argument(..., help="The prompt."),
+    server: str = typer.Option("127.0.0.1:50051", "--server", "-s", help="HOST:PORT of the server."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+    temperature: float | None = typer.Option(None, "--temperature", "-t",
+                                             help="Sample with this temperature (0 = greedy)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed: same seed, same tokens."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    stop_id: list[int] = typer.Option([], "--stop-id", help="Stop token id (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past end-of-text."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Deadline of the call, seconds."),
+) -> None:
+    """Stream a generation from a running server to the terminal (greedy unless sampling is asked)."""
+    import grpc
+
+    from serving.client import Gpt2DeployClient
+
+    with Gpt2DeployClient(server, timeout=timeout) as client:
+        stream = client.generate(text, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, stop_token_ids=stop_id,
+                                 ignore_eos=ignore_eos)
+        try:
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            stream.cancel()
+            print("\n(cancelled)", file=sys.stderr)
+            raise typer.Exit(130) from None
+    sys.stdout.write("\n")
+    f = stream.finish
+    if f is not None:
+        per_tok = sum(f.per_token_s) / len(f.per_token_s) * 1e3 if f.per_token_s else 0.0
+        print(f"[{stream.finish_reason}: {f.prompt_tokens} prompt + {f.completion_tokens} new tokens, "
+              f"first token {f.time_to_first_token_s * 1e3:.1f} ms, {per_tok:.2f} ms/token]",
+              file=sys.stderr)

@@ -1,0 +1,386 @@
+"""KServe v2 / Triton ``inference.GRPCInferenceService`` over a ``ModelRuntime``.
+
+Two models are served, so an unmodified ``tritonclient.grpc`` client works against them:
+
+    <name>            one forward:   input_ids INT64 [B, S], optional attention_mask INT64 [B, S]
+                                     -> logits FP32 [B, S, vocab]
+    <name>-generate   generation, following Triton's LLM models:
+                                     text_input BYTES [1], max_tokens INT32 [1], optional
+                                     temperature FP32, top_k INT32, top_p FP32,
+                                     random_seed UINT64 (or INT64), stream BOOL
+                                     -> text_output BYTES [1]
+
+``<name>-generate`` is decoupled when ``stream`` is true: over ModelStreamInfer each decoded step
+is one response (its text delta) with the parameter ``triton_final_response`` false, and a last
+response carries the remaining text, ``finish_reason`` and ``completion_tokens`` with
+``triton_final_response`` true. Without ``stream``, one response holds the whole text. Sampling
+is on when temperature, top_k or top_p is given (temperature 0 means greedy); random_seed alone
+does not switch it on.
+
+Outputs go in ``raw_output_contents``. Inputs are accepted as ``raw_input_contents`` (what
+tritonclient sends) or as typed ``contents``. Errors: per-request errors of ModelStreamInfer are
+reported in-stream (``error_message``, the stream stays open), as Triton does; the unary RPCs
+raise ``serving.errors`` that ``serving.grpc_errors`` maps to status codes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS
+from serving.errors import InvalidInput, NotFound, OutOfRange
+from serving.generation import FinalEvent, GenerationRequest
+from serving.grpc_errors import status_for
+from serving.metrics import ServerMetrics
+from serving.proto import grpc_service_pb2 as pb
+from serving.proto import grpc_service_pb2_grpc as pb_grpc
+from serving.runtime import ModelRuntime
+from serving.sampling import SamplingParams
+
+GENERATE_SUFFIX = "-generate"
+MODEL_VERSION = "1"
+FINAL_RESPONSE = "triton_final_response"
+DEFAULT_MAX_TOKENS = 16
+
+# Protocol datatype -> numpy dtype (little-endian on the wire) and the typed-contents field.
+DATATYPES: dict[str, tuple[Any, str | None]] = {
+    "BOOL": (np.bool_, "bool_contents"),
+    "UINT8": (np.uint8, "uint_contents"),
+    "UINT16": (np.uint16, "uint_contents"),
+    "UINT32": (np.uint32, "uint_contents"),
+    "UINT64": (np.uint64, "uint64_contents"),
+    "INT8": (np.int8, "int_contents"),
+    "INT16": (np.int16, "int_contents"),
+    "INT32": (np.int32, "int_contents"),
+    "INT64": (np.int64, "int64_contents"),
+    "FP16": (np.float16, None),
+    "FP32": (np.float32, "fp32_contents"),
+    "FP64": (np.float64, "fp64_contents"),
+    "BYTES": (np.object_, "bytes_contents"),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a served model: what ModelMetadata says and validation accepts."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 = variable
+    accepts: tuple[str, ...] = ()  # datatypes accepted besides ``datatype``
+    required: bool = True
+
+    def describe(self) -> str:
+        dts = "|".join((self.datatype, *self.accepts))
+        opt = "" if self.required else "optional "
+        return f"{opt}{self.name} {dts} {list(self.shape)}"
+
+
+# --- tensor (de)serialization ----------------------------------------------------------------
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    """Split a BYTES tensor's raw content: each element is a 4-byte LE length + the bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InvalidInput(f"malformed BYTES content: {len(raw) - i} trailing byte(s) where a "
+                               "4-byte length prefix was expected")
+        (n,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + n > len(raw):
+            raise InvalidInput(f"malformed BYTES content: element of {n} bytes but only "
+                               f"{len(raw) - i} left")
+        out.append(raw[i:i + n])
+        i += n
+    return out
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    """The input as a numpy array of its shape (BYTES -> object array of bytes)."""
+    dt, field = DATATYPES[tensor.datatype]
+    shape = tuple(tensor.shape)
+    count = int(np.prod(shape)) if shape else 1
+    if tensor.datatype == "BYTES":
+        items = deserialize_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
+        if len(items) != count:
+            raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), "
+                               f"got {len(items)}")
+        arr = np.empty(count, dtype=np.object_)
+        arr[:] = items
+        return arr.reshape(shape)
+    if raw is not None:
+        itemsize = np.dtype(dt).itemsize
+        if len(raw) != count * itemsize:
+            raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
+                               f"{count * itemsize} bytes, got {len(raw)}")
+        return np.frombuffer(raw, dtype=np.dtype(dt).newbyteorder("<")).astype(dt).reshape(shape)
+    if field is None:
+        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} data must be sent in "
+                           "raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), "
+                           f"got {len(values)} in contents.{field}")
+    return np.asarray(values, dtype=dt).reshape(shape)
+
+
+def output_tensor(name: str, array: np.ndarray, datatype: str
+                  ) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    """An output's metadata and its raw content."""
+    if datatype == "BYTES":
+        raw = serialize_bytes([x if isinstance(x, bytes) else str(x).encode() for x in array.ravel()])
+    else:
+        dt = np.dtype(DATATYPES[datatype][0]).newbyteorder("<")
+        raw = np.ascontiguousarray(array, dtype=dt).tobytes()
+    return pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype,
+                                                   shape=list(array.shape)), raw
+
+
+def param_value(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+# --- the servicer ----------------------------------------------------------------------------
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 over one runtime.
+
+    Args:
+        runtime: What is served.
+        metrics: For errors reported in-stream (the interceptor counts the others).
+    """
+
+    def __init__(self, runtime: ModelRuntime, metrics: ServerMetrics | None = None):
+        self.runtime = runtime
+        self.metrics = metrics
+        self.forward_model = runtime.name
+        self.generate_model = runtime.name + GENERATE_SUFFIX
+        vocab = runtime.bundle.dims.vocab_size
+        self.specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {
+            self.forward_model: (
+                [TensorSpec(INPUT_IDS, "INT64", (-1, -1)),
+                 TensorSpec(ATTENTION_MASK, "INT64", (-1, -1), required=False)],
+                [TensorSpec(LOGITS, "FP32", (-1, -1, vocab))]),
+            self.generate_model: (
+                [TensorSpec("text_input", "BYTES", (1,)),
+                 TensorSpec("max_tokens", "INT32", (1,), ("INT64",)),
+                 TensorSpec("temperature", "FP32", (1,), ("FP64",), required=False),
+                 TensorSpec("top_k", "INT32", (1,), ("INT64",), required=False),
+                 TensorSpec("top_p", "FP32", (1,), ("FP64",), required=False),
+                 TensorSpec("random_seed", "UINT64", (1,), ("INT64",), required=False),
+                 TensorSpec("stream", "BOOL", (1,), required=False)],
+                [TensorSpec("text_output", "BYTES", (1,))]),
+        }
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.specs)
+
+    # --- health and metadata -------------------------------------------------------------------
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.runtime.ready)
+
+    def ModelReady(self, request, context):
+        self._model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.runtime.ready)
+
+    def ServerMetadata(self, request, context):
+        try:
+            version = metadata.version("gpt2-deploy")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return pb.ServerMetadataResponse(name="gpt2-deploy", version=version, extensions=[])
+
+    def ModelMetadata(self, request, context):
+        name = self._model(request.name, request.version)
+        inputs, outputs = self.specs[name]
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=name, versions=[MODEL_VERSION], platform=f"gpt2-deploy_{self.runtime.backend.name}",
+            inputs=[meta(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in inputs],
+            outputs=[meta(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in outputs])
+
+    # --- inference -----------------------------------------------------------------------------
+    def ModelInfer(self, request, context):
+        name = self._model(request.model_name, request.model_version)
+        inputs = self._inputs(name, request)
+        if name == self.forward_model:
+            return self._forward(request, inputs)
+        if _scalar(inputs, "stream", False):
+            raise InvalidInput(f"stream=true needs ModelStreamInfer (decoupled responses); "
+                               f"ModelInfer on {name!r} returns the whole text with stream=false")
+        final = None
+        for event in self.runtime.generate(self._generation_request(inputs),
+                                           cancelled=lambda: not context.is_active()):
+            if isinstance(event, FinalEvent):
+                final = event
+        return self._text_response(request, final.text, final)
+
+    def ModelStreamInfer(self, request_iterator, context) -> Iterator[pb.ModelStreamInferResponse]:
+        for request in request_iterator:
+            try:
+                yield from self._stream_one(request, context)
+            except Exception as exc:  # noqa: BLE001 - reported in-stream, the stream stays open
+                code, message = status_for(exc, "/inference.GRPCInferenceService/ModelStreamInfer")
+                if self.metrics is not None:
+                    self.metrics.error("/inference.GRPCInferenceService/ModelStreamInfer", code.name)
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                         model_version=request.model_version,
+                                                         id=request.id))
+            if not context.is_active():
+                return
+
+    def _stream_one(self, request, context) -> Iterator[pb.ModelStreamInferResponse]:
+        name = self._model(request.model_name, request.model_version)
+        inputs = self._inputs(name, request)
+        if name == self.forward_model:
+            response = self._forward(request, inputs)
+            response.parameters[FINAL_RESPONSE].bool_param = True
+            yield pb.ModelStreamInferResponse(infer_response=response)
+            return
+        stream = bool(_scalar(inputs, "stream", False))
+        events = self.runtime.generate(self._generation_request(inputs),
+                                       cancelled=lambda: not context.is_active())
+        streamed = ""
+        for event in events:
+            if isinstance(event, FinalEvent):
+                text = event.text[len(streamed):] if stream else event.text
+                yield pb.ModelStreamInferResponse(infer_response=self._text_response(request, text, event))
+            elif stream:
+                streamed += event.text
+                response = self._text_response(request, event.text, None)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _model(self, name: str, version: str) -> str:
+        if name not in self.specs:
+            raise NotFound(f"unknown model {name!r}; available models: {', '.join(self.specs)}")
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r}; available versions: "
+                           f"{MODEL_VERSION}")
+        return name
+
+    def _inputs(self, model: str, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+        """Validate names, then datatypes and shapes, of a request's inputs; decode them."""
+        specs, out_specs = self.specs[model]
+        by_name = {s.name: s for s in specs}
+        expected = ", ".join(s.describe() for s in specs)
+        problems: list[str] = []
+        names = [t.name for t in request.inputs]
+        for n in names:
+            if n not in by_name:
+                problems.append(f"unknown input {n!r}")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"input(s) given more than once: {dupes}")
+        missing = [s.name for s in specs if s.required and s.name not in names]
+        if missing:
+            problems.append(f"missing required input(s) {missing}")
+        out_names = {s.name for s in out_specs}
+        for o in request.outputs:
+            if o.name not in out_names:
+                problems.append(f"unknown requested output {o.name!r} (outputs: {sorted(out_names)})")
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            problems.append(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
+                            "inputs; send raw contents for every input or for none")
+        if problems:
+            raise InvalidInput(f"model {model!r}: " + "; ".join(problems) + f". Expected inputs: {expected}")
+
+        for t in request.inputs:
+            spec = by_name[t.name]
+            allowed = (spec.datatype, *spec.accepts)
+            if t.datatype not in allowed:
+                problems.append(f"input {t.name!r} has datatype {t.datatype!r}; expected "
+                                f"{' or '.join(allowed)}")
+            if any(d < 0 for d in t.shape):
+                problems.append(f"input {t.name!r} has shape {list(t.shape)}; dimensions must be >= 0")
+            elif -1 in spec.shape and len(t.shape) != len(spec.shape):
+                problems.append(f"input {t.name!r} has shape {list(t.shape)}; expected "
+                                f"{len(spec.shape)} dimensions {list(spec.shape)} (-1 = any size)")
+            elif -1 not in spec.shape and int(np.prod(t.shape)) != int(np.prod(spec.shape)):
+                problems.append(f"input {t.name!r} has shape {list(t.shape)}; expected "
+                                f"{list(spec.shape)} (one request at a time)")
+        if problems:
+            raise InvalidInput(f"model {model!r}: " + "; ".join(problems))
+        return {t.name: decode_input(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)}
+
+    def _forward(self, request: pb.ModelInferRequest, inputs: dict[str, np.ndarray]
+                 ) -> pb.ModelInferResponse:
+        ids = inputs[INPUT_IDS]
+        mask = inputs.get(ATTENTION_MASK)
+        problems = []
+        if ids.shape[0] < 1 or ids.shape[1] < 1:
+            problems.append(f"input_ids has shape {list(ids.shape)}; batch and sequence must be >= 1")
+        if mask is not None:
+            if mask.shape != ids.shape:
+                problems.append(f"attention_mask has shape {list(mask.shape)}; expected the shape of "
+                                f"input_ids {list(ids.shape)}")
+            elif mask.size and not np.isin(mask, (0, 1)).all():
+                problems.append("attention_mask values must be 0 (padding) or 1 (token)")
+            elif mask.size and not mask.any(axis=1).all():
+                problems.append("every attention_mask row needs at least one 1")
+        if problems:
+            raise InvalidInput(f"model {self.forward_model!r}: " + "; ".join(problems))
+        v, n = self.runtime.bundle.dims.vocab_size, self.runtime.bundle.dims.n_positions
+        bad = ids[(ids < 0) | (ids >= v)]
+        if bad.size:
+            raise InvalidInput(f"input_ids must be token ids in [0, {v}) (the vocabulary); got "
+                               f"{bad[:5].tolist()}")
+        if ids.shape[1] > n:
+            raise OutOfRange(f"input_ids has {ids.shape[1]} tokens per row; the model's context is "
+                             f"{n} positions")
+        logits = self.runtime.forward(ids, mask)
+        meta, raw = output_tensor(LOGITS, logits, "FP32")
+        return pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
+                                     id=request.id, outputs=[meta], raw_output_contents=[raw])
+
+    def _generation_request(self, inputs: dict[str, np.ndarray]) -> GenerationRequest:
+        raw_text = inputs["text_input"].ravel()[0]
+        try:
+            text = raw_text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"text_input must be UTF-8 text: {e}") from None
+        sampled = [k for k in ("temperature", "top_k", "top_p") if k in inputs]
+        seed = _scalar(inputs, "random_seed", None)
+        sampling = SamplingParams(
+            temperature=float(_scalar(inputs, "temperature", 1.0)),
+            top_k=int(_scalar(inputs, "top_k", 0)),
+            top_p=float(_scalar(inputs, "top_p", 1.0)),
+            seed=None if seed is None else int(seed),
+            do_sample=bool(sampled))
+        return GenerationRequest(prompt_ids=self.runtime.encode(text),
+                                 max_new_tokens=int(_scalar(inputs, "max_tokens", DEFAULT_MAX_TOKENS)),
+                                 sampling=sampling)
+
+    def _text_response(self, request: pb.ModelInferRequest, text: str,
+                       final: FinalEvent | None) -> pb.ModelInferResponse:
+        meta, raw = output_tensor("text_output", np.asarray([text.encode("utf-8")], dtype=np.object_),
+                                  "BYTES")
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
+                                         id=request.id, outputs=[meta], raw_output_contents=[raw])
+        response.parameters[FINAL_RESPONSE].bool_param = final is not None
+        if final is not None:
+            response.parameters["finish_reason"].string_param = final.finish_reason
+            response.parameters["prompt_tokens"].int64_param = final.prompt_tokens
+            response.parameters["completion_tokens"].int64_param = final.completion_tokens
+        return response
+
+
+def _scalar(inputs: dict[str, np.ndarray], name: str, default: Any) -> Any:
+    a = inputs.get(name)
+    return default if a is None else a.ravel()[0].item()

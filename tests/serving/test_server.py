@@ -1,0 +1,318 @@
+"""The gRPC runner on a real port: streaming generation vs transformers, sampling, cancellation,
+health, the startup canary, bad input, metrics and reflection."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.backends.ort_backend import OrtBackend
+from serving.client import Gpt2DeployClient
+from serving.proto import gpt2_deploy_pb2 as pb
+from serving.server import API_SERVICE, KSERVE_SERVICE, ParityRefused, ServeOptions, build_server, free_port
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):\n    return"]
+
+
+class SlowOrtBackend(OrtBackend):
+    """The real ONNX Runtime backend, 20 ms slower per step (to cancel or stop mid-stream)."""
+
+    def _forward(self, *args):
+        time.sleep(0.02)
+        return super()._forward(*args)
+
+
+class NoisyOrtBackend(OrtBackend):
+    """The real ONNX Runtime backend whose logits really diverge from the reference."""
+
+    def _forward(self, *args):
+        out = super()._forward(*args)
+        out.logits = out.logits + np.random.default_rng(0).normal(0, 0.5, out.logits.shape).astype(np.float32)
+        return out
+
+
+def _opts(bundle, **kw) -> ServeOptions:
+    return ServeOptions(bundle=bundle.root, port=0, grace_s=5.0, threads=1, **kw)
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "torch"])
+def server(request, tiny_bundle):
+    with build_server(_opts(tiny_bundle, backend=request.param, metrics_port=free_port())) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Gpt2DeployClient(server.address, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_bundle):
+    transformers = pytest.importorskip("transformers", reason="the reference comparison needs transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_bundle.root / "reference").eval()
+
+
+# --- generation ------------------------------------------------------------------------------
+def test_greedy_stream_equals_transformers_generate(server, client, hf_model):
+    import torch
+
+    n = 20
+    eos = hf_model.config.eos_token_id
+    for prompt in PROMPTS:
+        stream = client.generate(prompt, max_new_tokens=n)
+        chunks = list(stream)
+        ids = server.runtime.tokenizer.encode(prompt)
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            out = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                                    pad_token_id=eos)
+        want = out[0, len(ids):].tolist()
+        got = stream.token_ids
+        assert got == want[:len(got)], (prompt, got, want)
+        assert len(got) == n or want[len(got)] == eos  # stopped early only at EOS, like transformers
+        # One message per token, each carrying its id; the last carries the finish.
+        assert [list(c.token_ids) for c in chunks if c.token_ids] == [[t] for t in got]
+        assert chunks[-1].HasField("finish") and not any(c.HasField("finish") for c in chunks[:-1])
+        f = stream.finish
+        assert stream.finish_reason == ("length" if len(got) == n else "eos")
+        assert (f.prompt_tokens, f.completion_tokens, list(f.token_ids)) == (len(ids), len(got), got)
+        assert stream.text == f.text == server.runtime.tokenizer.decode(got)
+        assert f.time_to_first_token_s > 0 and len(f.per_token_s) == len(got) - 1
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def run(seed):
+        return client.generate("Once upon a time", max_new_tokens=16, temperature=0.9, top_k=50,
+                               top_p=0.95, seed=seed, ignore_eos=True).result().token_ids
+
+    a, b, c = run(1234), run(1234), run(99)
+    assert a == b and len(a) == 16
+    assert a != c  # a different seed draws differently
+    assert a != client.generate("Once upon a time", max_new_tokens=16, ignore_eos=True).result().token_ids
+
+
+def test_stop_strings_and_token_ids(client):
+    greedy = client.generate("Hello, my name is", max_new_tokens=12, ignore_eos=True).result()
+    first = greedy.token_ids[0]
+    stopped = client.generate("Hello, my name is", max_new_tokens=12, stop_token_ids=[first]).result()
+    assert stopped.finish_reason == "stop" and stopped.token_ids == []
+    third = client.generate("Hello, my name is", max_new_tokens=12, ignore_eos=True,
+                            stop=[greedy.text[-3:]]).result()
+    assert third.finish_reason == "stop" and greedy.text.startswith(third.text)
+    assert greedy.text[-3:] not in third.text
+
+
+def test_score_matches_forward_logits(server, client):
+    ids = server.runtime.tokenizer.encode("The capital of France is")
+    full = client.score(ids)
+    assert full.logits.shape == (len(ids), server.runtime.bundle.dims.vocab_size)
+    want = server.runtime.forward(np.asarray([ids]), None)[0]
+    np.testing.assert_allclose(full.logits, want, atol=1e-5)
+    top = client.score(ids, top_k=5)
+    assert top.logits is None and top.top_ids.shape == (len(ids), 5)
+    assert (top.top_ids[:, 0] == want.argmax(-1)).all()
+    assert top.token_logprobs.shape == (len(ids) - 1,) and (top.token_logprobs <= 0).all()
+
+
+def test_model_info_and_check_parity(server, client):
+    info = client.model_info()
+    assert info.name == "tiny" and info.n_positions == 256 and info.vocab_size == 50257
+    assert info.backend == server.runtime.backend.name and info.ready and info.canary == "passed"
+    assert list(info.kserve_models) == ["tiny", "tiny-generate"]
+    report = client.check_parity("Hello, my name is", max_new_tokens=6)
+    assert report.passed and report.first_diverging_step == -1 and report.tolerance == "fp32"
+    assert len(report.steps) == 7 and report.max_abs < 1e-4  # prefill + 6 teacher-forced steps
+    assert "PASS" in report.report
+
+
+# --- health, metrics, reflection -------------------------------------------------------------
+def test_health_serving_after_canary(server, client):
+    for service in ("", API_SERVICE, KSERVE_SERVICE):
+        assert client.health(service) == "SERVING", service
+    assert client.health("no.such.Service") == "SERVICE_UNKNOWN"
+    assert server.runtime.canary == "passed"
+
+
+def test_metrics_endpoint(server, client):
+    client.generate("Hello", max_new_tokens=4).result()
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'gpt2_deploy_requests_total{method="/gpt2_deploy.v1.Gpt2Deploy/Generate"}' in text
+    assert 'gpt2_deploy_parity_checks_total{kind="canary",result="pass"} 1.0' in text
+    assert server.metrics.value("gpt2_deploy_time_to_first_token_seconds_count") >= 1
+    assert server.metrics.value("gpt2_deploy_time_per_output_token_seconds_count") >= 3
+    assert server.metrics.value("gpt2_deploy_generated_tokens_total") >= 4
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = stub.ServerReflectionInfo(iter([ask]))
+        names = {s.name for s in next(responses).list_services_response.service}
+    assert {API_SERVICE, KSERVE_SERVICE, "grpc.health.v1.Health"} <= names
+
+
+# --- bad input ---------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ("ids outside the vocabulary", dict(token_ids=pb.TokenIds(ids=[5, 50257])),
+     grpc.StatusCode.INVALID_ARGUMENT, "[0, 50257)"),
+    ("negative ids", dict(token_ids=pb.TokenIds(ids=[-1])), grpc.StatusCode.INVALID_ARGUMENT, "[0, 50257)"),
+    ("prompt + max_new_tokens past the context", dict(text="Hello", max_new_tokens=300),
+     grpc.StatusCode.OUT_OF_RANGE, "context of 256"),
+    ("empty prompt", dict(text=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ("no prompt", dict(), grpc.StatusCode.INVALID_ARGUMENT, "`text` or `token_ids`"),
+    ("negative max_new_tokens", dict(text="Hi", max_new_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_new_tokens must be an integer in [1, 4096]"),
+    ("zero max_new_tokens", dict(text="Hi", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "[1, 4096]"),
+    ("absurd max_new_tokens", dict(text="Hi", max_new_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT,
+     "got 1000000000"),
+    ("negative temperature", dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in [0, 100]"),
+    ("top_p above 1", dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, top_p=1.5)),
+     grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
+    ("negative top_k", dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, top_k=-2)),
+     grpc.StatusCode.INVALID_ARGUMENT, "top_k must be an integer in [0, 50257]"),
+    ("stop id outside the vocabulary", dict(text="Hi", stop_token_ids=[70000]),
+     grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize("what,fields,code,needle", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_generate_requests(client, what, fields, code, needle):
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.stub.Generate(pb.GenerateRequest(**fields), timeout=30))
+    assert info.value.code() == code, (what, info.value.details())
+    assert needle in info.value.details(), (what, info.value.details())
+    assert "Traceback" not in info.value.details()
+    # The server keeps serving.
+    assert len(client.generate("Hello", max_new_tokens=2).result().token_ids) >= 1
+
+
+def test_bad_score_and_parity_requests(client):
+    with pytest.raises(grpc.RpcError) as info:
+        client.score("Hello world", top_k=60000)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "[0, 50257]" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.score(list(range(300)))
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE and "256" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.check_parity("Hello", max_new_tokens=1000)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.check_parity([])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert client.health() == "SERVING"
+
+
+def test_unexpected_errors_are_internal_without_details(server, client, monkeypatch):
+    def boom():
+        raise RuntimeError("secret internal state /etc/passwd")
+
+    monkeypatch.setattr(server.runtime, "info", boom)
+    with pytest.raises(grpc.RpcError) as info:
+        client.model_info()
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in info.value.details() and "Traceback" not in info.value.details()
+    assert "incident" in info.value.details()
+    monkeypatch.undo()
+    assert client.model_info().name == "tiny"
+    assert server.metrics.value("gpt2_deploy_errors_total", {
+        "method": "/gpt2_deploy.v1.Gpt2Deploy/ModelInfo", "code": "INTERNAL"}) == 1
+
+
+# --- cancellation and shutdown (a real backend, slowed down) ----------------------------------
+def test_client_cancel_stops_the_work(tiny_bundle):
+    opts = _opts(tiny_bundle, parity="off")
+    with build_server(opts, backend=SlowOrtBackend(tiny_bundle)) as running, \
+            Gpt2DeployClient(running.address) as c:
+        stream = c.generate("Hello", max_new_tokens=200, ignore_eos=True)
+        it = iter(stream)
+        for _ in range(3):
+            next(it)
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        m = running.metrics
+        while m.value("gpt2_deploy_generations_total", {"finish_reason": "cancelled"}) < 1:
+            assert time.monotonic() < deadline, "the server never saw the cancel"
+            time.sleep(0.02)
+        time.sleep(0.3)  # were the work still running, tokens would keep coming (20 ms each)
+        assert m.value("gpt2_deploy_inflight_generations") == 0  # its KV cache is gone with it
+        assert m.value("gpt2_deploy_generated_tokens_total") < 50
+        assert m.value("gpt2_deploy_generations_total", {"finish_reason": "length"}) == 0
+        assert c.health() == "SERVING"
+
+
+def test_shutdown_goes_not_serving_and_lets_streams_finish(tiny_bundle):
+    running = build_server(_opts(tiny_bundle, parity="off"), backend=SlowOrtBackend(tiny_bundle))
+    c = Gpt2DeployClient(running.address)
+    try:
+        with grpc.insecure_channel(running.address) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            stream = c.generate("Hello", max_new_tokens=30, ignore_eos=True)
+            it = iter(stream)
+            next(it)  # the generation is in flight
+            stopper = threading.Thread(target=running.stop)
+            stopper.start()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()  # an open Watch is an in-flight RPC too: stop() would wait for it
+            for _ in it:  # the in-flight stream runs to its end within the grace period
+                pass
+            stopper.join(10)
+        assert stream.finish_reason == "length" and len(stream.token_ids) == 30
+        assert not stopper.is_alive() and running.runtime.state == "stopped"
+        assert not running.runtime.backend.is_loaded  # backends closed after the server stopped
+    finally:
+        c.close()
+        running.stop()
+
+
+# --- the startup canary ------------------------------------------------------------------------
+def test_canary_failure_blocks_readiness(tiny_bundle, caplog):
+    with build_server(_opts(tiny_bundle), backend=NoisyOrtBackend(tiny_bundle)) as running, \
+            Gpt2DeployClient(running.address) as c:
+        assert c.health() == "NOT_SERVING" and c.health(API_SERVICE) == "NOT_SERVING"
+        assert running.runtime.canary == "failed" and not running.runtime.ready
+        assert running.metrics.value("gpt2_deploy_parity_checks_total",
+                                     {"kind": "canary", "result": "fail"}) == 1
+        assert c.model_info().canary == "failed"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "startup canary FAILED" in logged and "max|Δlogits|" in logged
+    assert "first divergence" in logged and "top-1" in logged
+
+
+def test_strict_parity_refuses_to_start(tiny_bundle):
+    with pytest.raises(ParityRefused, match="strict"):
+        build_server(_opts(tiny_bundle, parity="strict"), backend=NoisyOrtBackend(tiny_bundle))
+
+
+def test_bad_options_and_port_in_use(tiny_bundle, server):
+    with pytest.raises(ValueError, match="parity must be one of off, warn, strict"):
+        build_server(_opts(tiny_bundle, parity="maybe"))
+    with pytest.raises(OSError, match="cannot listen"):
+        build_server(ServeOptions(bundle=tiny_bundle.root, port=server.port, parity="off"))
+
+
+# --- shadow parity -----------------------------------------------------------------------------
+def test_shadow_parity_rechecks_live_requests(tiny_bundle):
+    with build_server(_opts(tiny_bundle, parity="off", shadow_rate=1.0)) as running, \
+            Gpt2DeployClient(running.address) as c:
+        c.generate("Hello, my name is", max_new_tokens=6).result()
+        c.generate("Once upon a time", max_new_tokens=6, temperature=0.8, seed=1).result()
+        shadow = running.runtime.shadow
+        assert shadow.join(timeout=30)
+        assert shadow.counters()["checked"] == 2 and shadow.last_report  # logits, teacher-forced
+        m = running.metrics
+        assert m.value("gpt2_deploy_parity_checks_total", {"kind": "shadow", "result": "pass"}) == 2
+        assert m.value("gpt2_deploy_shadow_dropped_total") == 0
+        assert running.runtime.canary == "off" and c.health() == "SERVING"
