@@ -357,7 +357,9 @@ class ParityOptions:
     Args:
         bundle: The bundle directory.
         backend: The served backend to check (onnxruntime, torch, tensorrt).
-        device: The served backend's device.
+        device: The served backend's device; None means cuda for tensorrt, cpu otherwise.
+        engine: TensorRT engine to check (bundle-relative or absolute); None picks the newest.
+        trt_runtime: auto, tensorrt or tensorrt_lean (the tensorrt backend only).
         prompt: Prompt text; None runs the canary prompts.
         max_new_tokens: Tokens the reference generates (the steps compared after the prefill).
         reference_device: Where the torch reference runs. Defaults to "cpu".
@@ -366,7 +368,9 @@ class ParityOptions:
 
     bundle: str
     backend: str = "onnxruntime"
-    device: str = "cpu"
+    device: str | None = None
+    engine: str | None = None
+    trt_runtime: str = "auto"
     prompt: str | None = None
     max_new_tokens: int = 16
     reference_device: str = "cpu"
@@ -379,16 +383,17 @@ def run_parity(opts: ParityOptions) -> ParityReport:
     Raises:
         export.manifest.BundleError, serving.errors.ServingError, ValueError: unusable inputs.
     """
-    from serving.backends import create_backend
+    from serving.backends import backend_options, create_backend
     from serving.tokenizer import Tokenizer
 
     if opts.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {opts.max_new_tokens}")
     bundle = Bundle.open(opts.bundle)
+    options = backend_options(opts.backend, opts.device, engine=opts.engine, trt_runtime=opts.trt_runtime)
     tolerance = tolerance_for(opts.tolerance) if opts.tolerance else \
-        tolerance_for_backend(bundle, opts.backend, opts.device)
+        tolerance_for_backend(bundle, opts.backend, options.device)
     tokenizer = Tokenizer.from_dir(bundle.tokenizer_dir)
-    with create_backend(opts.backend, bundle, BackendOptions(device=opts.device)) as served, \
+    with create_backend(opts.backend, bundle, options) as served, \
             reference_backend(bundle, opts.reference_device) as reference:
         if opts.prompt is None:
             return run_canary(served, reference, tokenizer, tolerance, new_tokens=opts.max_new_tokens)

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from export.manifest import Bundle
-from serving.backends import BackendOptions, create_backend
+from serving.backends import backend_options, create_backend
 from serving.backends.base import Backend
 from serving.grpc_errors import ErrorInterceptor
 from serving.kserve import KServeServicer
@@ -60,7 +60,9 @@ class ServeOptions:
     Args:
         bundle: The bundle directory (from ``gpt2-deploy export``).
         backend: onnxruntime (default), torch or tensorrt.
-        device: cpu (default), cuda or cuda:N.
+        device: cpu, cuda or cuda:N; None (default) means cuda for tensorrt, cpu otherwise.
+        engine: TensorRT engine (bundle-relative or absolute); None picks the newest that can run.
+        trt_runtime: TensorRT runtime for the tensorrt backend: auto, tensorrt or tensorrt_lean.
         host: Interface to bind. Defaults to 127.0.0.1 (local only); 0.0.0.0 or [::] to expose.
         port: TCP port; 0 picks a free one (``RunningServer.port`` tells which).
         max_message_mb: Largest gRPC message in either direction, MiB. The default 256 holds the
@@ -79,7 +81,9 @@ class ServeOptions:
 
     bundle: Path | str
     backend: str = "onnxruntime"
-    device: str = "cpu"
+    device: str | None = None
+    engine: str | None = None
+    trt_runtime: str = "auto"
     host: str = "127.0.0.1"
     port: int = 50051
     max_message_mb: int = 256
@@ -192,8 +196,9 @@ def build_server(opts: ServeOptions, *, backend: Backend | None = None) -> Runni
     opts.check()
     bundle = Bundle.open(opts.bundle)
     if backend is None:
-        backend = create_backend(opts.backend, bundle,
-                                 BackendOptions(device=opts.device, threads=opts.threads))
+        backend = create_backend(opts.backend, bundle, backend_options(
+            opts.backend, opts.device, threads=opts.threads, engine=opts.engine,
+            trt_runtime=opts.trt_runtime))
     from serving.parity import tolerance_for_backend
 
     metrics = ServerMetrics()

@@ -17,7 +17,12 @@ def parity(
     bundle: Path = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`)."),
     backend: str = typer.Option("onnxruntime", "--backend", "-b",
                                 help="Backend to check: onnxruntime, torch or tensorrt."),
-    device: str = typer.Option("cpu", "--device", help="Device of the checked backend: cpu, cuda, cuda:N."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N "
+                                         "(default: cuda for tensorrt, else cpu)."),
+    engine: str | None = typer.Option(None, "--engine", help="TensorRT engine in the bundle "
+                                         "(default: the newest one that can run here)."),
+    trt_runtime: str = typer.Option("auto", "--trt-runtime", help="TensorRT runtime: auto, "
+                                    "tensorrt or tensorrt_lean (version-compatible engines)."),
     prompt: str | None = typer.Option(None, "--prompt",
                                       help="Prompt text; without it the startup-canary prompts run."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n",
@@ -34,7 +39,8 @@ def parity(
     from serving.errors import ServingError
     from serving.parity import ParityOptions, run_parity
 
-    opts = ParityOptions(bundle=str(bundle), backend=backend, device=device, prompt=prompt,
+    opts = ParityOptions(bundle=str(bundle), backend=backend, device=device, engine=engine,
+                         trt_runtime=trt_runtime, prompt=prompt,
                          max_new_tokens=max_new_tokens, reference_device=reference_device,
                          tolerance=tolerance)
     try:

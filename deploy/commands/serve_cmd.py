@@ -17,7 +17,12 @@ def serve(
     bundle: Path = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`)."),
     backend: str = typer.Option("onnxruntime", "--backend", "-b",
                                 help="onnxruntime, torch or tensorrt."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N "
+                                         "(default: cuda for tensorrt, else cpu)."),
+    engine: str | None = typer.Option(None, "--engine", help="TensorRT engine in the bundle "
+                                         "(default: the newest one that can run here)."),
+    trt_runtime: str = typer.Option("auto", "--trt-runtime", help="TensorRT runtime: auto, "
+                                    "tensorrt or tensorrt_lean (version-compatible engines)."),
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it."),
     port: int = typer.Option(50051, "--port", "-p", help="gRPC port (0 picks a free one)."),
@@ -45,7 +50,8 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opts = ServeOptions(bundle=bundle, backend=backend, device=device, host=host, port=port,
+    opts = ServeOptions(bundle=bundle, backend=backend, device=device, engine=engine,
+                        trt_runtime=trt_runtime, host=host, port=port,
                         max_message_mb=max_message_mb, grace_s=grace, parity=parity,
                         shadow_rate=shadow_rate, metrics_port=metrics_port, workers=workers,
                         threads=threads)

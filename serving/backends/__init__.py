@@ -15,6 +15,19 @@ REGISTRY: dict[str, str] = {
 }
 
 
+def default_device(backend: str) -> str:
+    """The device a backend runs on unless told otherwise: TensorRT needs CUDA, the rest use CPU."""
+    return "cuda" if backend == "tensorrt" else "cpu"
+
+
+def backend_options(backend: str, device: str | None = None, *, threads: int | None = None,
+                    engine: str | None = None, trt_runtime: str = "auto") -> BackendOptions:
+    """BackendOptions from the CLI-level settings every command shares."""
+    extra = {"runtime": trt_runtime} if backend == "tensorrt" else {}
+    return BackendOptions(device=device or default_device(backend), threads=threads, engine=engine,
+                          extra=extra)
+
+
 def backend_class(name: str) -> type[Backend]:
     try:
         target = REGISTRY[name]
@@ -31,4 +44,4 @@ def create_backend(name: str, bundle: Bundle, options: BackendOptions | None = N
 
 
 __all__ = ["REGISTRY", "Backend", "BackendOptions", "KVCache", "StepOutput", "backend_class",
-           "create_backend"]
+           "backend_options", "create_backend", "default_device"]
