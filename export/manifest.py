@@ -95,7 +95,7 @@ class Manifest:
         dims: Model dimensions read from its config.
         contract: The ONNX I/O contract of ``model_file``.
         model_file: Bundle-relative path of the ONNX graph.
-        precision: fp32, fp16, int8 or fp32-ort-fused (the variant ``model_file`` holds).
+        precision: fp32, fp16, int8 or ort-fused (the variant ``model_file`` holds).
         files: Bundle-relative path -> FileEntry for every file the bundle owns.
         export: Export settings (opset, exporter, versions, seed, ...).
         validation: The export-time validation report (``ValidationReport.to_json()``).

@@ -9,6 +9,7 @@ because an exporter cannot express ``past + seq``. The tied lm_head/wte weight i
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,10 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
     kv_axes = tuple({0: batch, 2: past} for _ in contract.past_names)
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv_axes)
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # "The axis name: seq will not be used, since it shares the same shape constraints with
+        # another axis: seq" - the exporter renaming an axis to itself; nothing to act on
+        warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used", category=UserWarning)
         program = torch.onnx.export(
             flat_kv_decoder(model), example_inputs(contract), dynamo=True, opset_version=opset,
             input_names=contract.input_names, output_names=contract.output_names,

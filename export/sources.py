@@ -77,12 +77,29 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the hub endpoint, so an offline machine fails fast instead of hanging."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def _perturb_preset(model: Any, torch: Any) -> None:
+    """Give LayerNorm gains/shifts and linear biases random values (drawn after the weights).
+
+    transformers initialises them to exactly 1 and 0. Left that way, the exporter folds the zero
+    biases away (bias-free Gemm) and de-duplicates the identical LayerNorm parameters, so a preset
+    graph would be shaped unlike any trained checkpoint's and the fp16/int8 variants would be
+    validated on a structure real models never have.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(torch.randn_like(p), alpha=0.1)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.02)
 
 
 def load_source(model: str, seed: int = 0) -> LoadedModel:
@@ -102,6 +119,7 @@ def load_source(model: str, seed: int = 0) -> LoadedModel:
         config = preset_config(model)
         config._attn_implementation = ATTN_IMPLEMENTATION
         m = transformers.GPT2LMHeadModel(config)
+        _perturb_preset(m, torch)
         return LoadedModel(m.eval(), embedded_tokenizer(), model, "preset", model)
 
     if path.is_dir():

@@ -74,6 +74,26 @@ def reference_outputs(model: Any, feeds: dict[str, np.ndarray], contract: IOCont
     return [o.float().numpy() for o in outs]
 
 
+@dataclass
+class References:
+    """The PyTorch model's outputs on the validation cases, computed once.
+
+    Computing them before the ONNX work lets the exporter free the PyTorch model first: making
+    and checking a variant of gpt2-xl then does not hold 6 GB of torch weights on top.
+    """
+
+    contract: IOContract
+    cases: tuple[Case, ...]
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[list[np.ndarray]]
+
+    @classmethod
+    def compute(cls, model: Any, cases: tuple[Case, ...] = DEFAULT_CASES) -> References:
+        contract = IOContract.for_config(model.config)
+        feeds = [make_case_inputs(case, contract, seed=i) for i, case in enumerate(cases)]
+        return cls(contract, tuple(cases), feeds, [reference_outputs(model, f, contract) for f in feeds])
+
+
 def check_graph(onnx_path: Path, contract: IOContract) -> list[str]:
     """onnx checker + the contract's names and symbolic shapes. Returns the problems found."""
     onnx = require("onnx")
@@ -110,12 +130,22 @@ def validate_export(onnx_path: str | Path, model: Any, tolerance: Tolerance, *,
                     raise_on_failure: bool = True) -> ComparisonReport:
     """Validate the graph at ``onnx_path`` against ``model`` (names -> shapes -> values).
 
+    Args:
+        onnx_path: The graph (external data beside it is found by ONNX Runtime).
+        model: The PyTorch GPT2LMHeadModel, or its ``References`` computed earlier (then
+            ``cases`` is taken from them).
+        tolerance: The precision preset deciding pass/fail.
+        cases: Input shapes to compare on.
+        providers: ONNX Runtime execution providers (default CPU).
+        raise_on_failure: Raise instead of returning a failing report.
+
     Raises:
         ValidationError: when anything fails and ``raise_on_failure``; it lists every failure.
     """
     ort = require("onnxruntime")
     onnx_path = Path(onnx_path)
-    contract = IOContract.for_config(model.config)
+    refs = model if isinstance(model, References) else None
+    contract = refs.contract if refs else IOContract.for_config(model.config)
     report = ComparisonReport(f"validation of {onnx_path.name}", tolerance)
     report.errors.extend(check_graph(onnx_path, contract))
     if report.errors:  # names/shapes wrong: values would only add noise
@@ -126,14 +156,14 @@ def validate_export(onnx_path: str | Path, model: Any, tolerance: Tolerance, *,
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"])
-    for i, case in enumerate(cases):
-        feeds = make_case_inputs(case, contract, seed=i)
+    for i, case in enumerate(refs.cases if refs else cases):
+        feeds = refs.feeds[i] if refs else make_case_inputs(case, contract, seed=i)
         try:
             got = sess.run(None, feeds)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             report.errors.append(f"{case.name}: ONNX Runtime failed: {type(e).__name__}: {e}")
             continue
-        ref = reference_outputs(model, feeds, contract)
+        ref = refs.outputs[i] if refs else reference_outputs(model, feeds, contract)
         shape_errors = [
             f"{case.name}: {name} shape {list(g.shape)}, expected {list(r.shape)}"
             for name, g, r in zip(contract.output_names, got, ref) if g.shape != r.shape
