@@ -11,11 +11,13 @@ from pathlib import Path
 
 import typer
 
+from deploy.commands import options as opt
+
 PRESET_NAMES = "server|orin-nano|orin-nx|agx-orin"
 
 
 def build(
-    bundle: Path = typer.Argument(..., help="Bundle directory written by `gpt2-deploy export`."),
+    bundle: Path = opt.BUNDLE,
     preset: str = typer.Option(
         "server", help=f"Edge preset: {PRESET_NAMES} (batch, context, workspace, precision)."
     ),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from deploy.commands import options as opt
+
 
 class Precision(str, Enum):
     fp32 = "fp32"
@@ -69,7 +71,7 @@ def export(
 
 
 def inspect(
-    bundle: Path = typer.Argument(..., help="Bundle directory written by `gpt2-deploy export`."),
+    bundle: Path = opt.BUNDLE,
     verify_hashes: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256."),
     files: bool = typer.Option(False, "--files", help="List the files with sizes and roles."),
 ) -> None:

@@ -8,21 +8,19 @@ from pathlib import Path
 
 import typer
 
+from deploy.commands import options as opt
+
 
 def register(app: typer.Typer) -> None:
     app.command("parity")(parity)
 
 
 def parity(
-    bundle: Path = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`)."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b",
-                                help="Backend to check: onnxruntime, torch or tensorrt."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N "
-                                         "(default: cuda for tensorrt, else cpu)."),
-    engine: str | None = typer.Option(None, "--engine", help="TensorRT engine in the bundle "
-                                         "(default: the newest one that can run here)."),
-    trt_runtime: str = typer.Option("auto", "--trt-runtime", help="TensorRT runtime: auto, "
-                                    "tensorrt or tensorrt_lean (version-compatible engines)."),
+    bundle: Path = opt.BUNDLE,
+    backend: str = opt.BACKEND,
+    device: str | None = opt.DEVICE,
+    engine: str | None = opt.ENGINE,
+    trt_runtime: str = opt.TRT_RUNTIME,
     prompt: str | None = typer.Option(None, "--prompt",
                                       help="Prompt text; without it the startup-canary prompts run."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from deploy.commands import options as opt
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
@@ -14,15 +16,11 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    bundle: Path = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`)."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b",
-                                help="onnxruntime, torch or tensorrt."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N "
-                                         "(default: cuda for tensorrt, else cpu)."),
-    engine: str | None = typer.Option(None, "--engine", help="TensorRT engine in the bundle "
-                                         "(default: the newest one that can run here)."),
-    trt_runtime: str = typer.Option("auto", "--trt-runtime", help="TensorRT runtime: auto, "
-                                    "tensorrt or tensorrt_lean (version-compatible engines)."),
+    bundle: Path = opt.BUNDLE,
+    backend: str = opt.BACKEND,
+    device: str | None = opt.DEVICE,
+    engine: str | None = opt.ENGINE,
+    trt_runtime: str = opt.TRT_RUNTIME,
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it."),
     port: int = typer.Option(50051, "--port", "-p", help="gRPC port (0 picks a free one)."),
