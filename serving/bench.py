@@ -34,7 +34,8 @@ class BenchOptions:
         out: Results directory (JSON written here; bundles cached in OUT/bundles).
         model: Preset to export (random weights, fixed seed).
         bundle: Use this bundle instead of exporting one.
-        backends: Backends to compare.
+        backends: Backends to compare; ``name:precision`` runs a backend on another precision
+            variant of the same preset (e.g. ``onnxruntime:int8``, exported and cached too).
         batches: Batch sizes.
         prompt_len: Prompt tokens per row.
         new_tokens: Tokens generated per row (decode steps = new_tokens - 1 after the prefill's token).
@@ -46,7 +47,7 @@ class BenchOptions:
     out: Path = Path("bench-results")
     model: str = "gpt2-124m"
     bundle: Path | None = None
-    backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
+    backends: list[str] | None = None  # None: torch, onnxruntime (+ onnxruntime:int8 for a preset)
     batches: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 32
     new_tokens: int = 64
@@ -77,9 +78,11 @@ class BenchResult:
     def row(self, backend: str, batch: int) -> BenchRow | None:
         return next((r for r in self.rows if r.backend == backend and r.batch == batch), None)
 
-    def ratios(self, slow: str = "torch", fast: str = "onnxruntime",
+    def ratios(self, slow: str | None = None, fast: str = "onnxruntime",
                best: bool = False) -> dict[int, dict[str, float]]:
-        """Per batch: how many times ``fast`` beats ``slow`` (prefill and decode; medians or best runs)."""
+        """Per batch: how many times ``fast`` beats ``slow`` (default: the first backend, the
+        baseline) in prefill and decode; medians or best runs."""
+        slow = slow or self.backends()[0]
         out = {}
         for b in sorted({r.batch for r in self.rows}):
             s, f = self.row(slow, b), self.row(fast, b)
@@ -100,26 +103,37 @@ class BenchResult:
             lines.append(f"| {r.backend} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_ms_per_step:.2f} | "
                          f"{r.decode_ms_per_token:.2f} | {r.decode_tokens_per_s:.1f} | "
                          f"{r.prefill_ms_best:.1f} | {r.decode_ms_per_step_best:.2f} |")
-        best = self.ratios(best=True)
-        for b, rt in self.ratios().items():
-            lines.append(f"B={b}: onnxruntime vs torch (same run, interleaved): "
-                         f"prefill {rt['prefill']:.2f}x, "
-                         f"decode {rt['decode']:.2f}x faster (medians); best runs: prefill "
-                         f"{best[b]['prefill']:.2f}x, decode {best[b]['decode']:.2f}x")
+        for fast in self.backends()[1:]:
+            best = self.ratios(fast=fast, best=True)
+            for b, rt in self.ratios(fast=fast).items():
+                lines.append(f"B={b}: {fast} vs {self.backends()[0]} (same run, interleaved): "
+                             f"prefill {rt['prefill']:.2f}x, "
+                             f"decode {rt['decode']:.2f}x faster (medians); best runs: prefill "
+                             f"{best[b]['prefill']:.2f}x, decode {best[b]['decode']:.2f}x")
         return "\n".join(lines)
+
+    def backends(self) -> list[str]:
+        return list(dict.fromkeys(r.backend for r in self.rows))
 
     def to_json(self) -> dict[str, Any]:
         return {"options": self.options, "environment": self.environment,
                 "rows": [asdict(r) for r in self.rows],
-                "ratios_torch_over_onnxruntime": {str(b): v for b, v in self.ratios().items()},
-                "ratios_best_runs": {str(b): v for b, v in self.ratios(best=True).items()}}
+                "baseline": self.backends()[0],
+                "ratios_over_baseline": {f: {str(b): v for b, v in self.ratios(fast=f).items()}
+                                         for f in self.backends()[1:]},
+                "ratios_over_baseline_best_runs": {
+                    f: {str(b): v for b, v in self.ratios(fast=f, best=True).items()}
+                    for f in self.backends()[1:]}}
 
 
-def cached_bundle(opts: BenchOptions) -> Bundle:
-    """``opts.bundle``, or the preset exported once into OUT/bundles/<model>-seed<seed>."""
-    if opts.bundle is not None:
+def cached_bundle(opts: BenchOptions, precision: str = "fp32") -> Bundle:
+    """``opts.bundle``, or the preset exported once into OUT/bundles/<model>-seed<seed>[-precision]."""
+    if opts.bundle is not None and precision == "fp32":
         return Bundle.open(opts.bundle)
-    root = Path(opts.out) / "bundles" / f"{opts.model}-seed{opts.seed}"
+    if opts.bundle is not None:
+        raise ValueError(f"--bundle gives one precision; {precision!r} variants need --model")
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    root = Path(opts.out) / "bundles" / f"{opts.model}-seed{opts.seed}{suffix}"
     if (root / MANIFEST_FILE).is_file():
         try:
             return Bundle.open(root)
@@ -127,8 +141,10 @@ def cached_bundle(opts: BenchOptions) -> Bundle:
             print(f"re-exporting: {e}", file=sys.stderr)
     from export.api import ExportOptions, export_bundle
 
-    print(f"exporting {opts.model} (seed {opts.seed}) to {root} (cached for later runs) ...", file=sys.stderr)
-    return export_bundle(ExportOptions(model=opts.model, out=root, seed=opts.seed))
+    print(f"exporting {opts.model} {precision} (seed {opts.seed}) to {root} (cached for later runs) ...",
+          file=sys.stderr)
+    return export_bundle(ExportOptions(model=opts.model, out=root, seed=opts.seed, precision=precision,
+                                       reference=precision == "fp32", quiet=True))
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -154,7 +170,14 @@ def run_bench(opts: BenchOptions, bundle: Bundle | None = None) -> BenchResult:
                          f"model's {bundle.dims.n_positions} positions")
     threads = opts.threads or os.cpu_count() or 1
     tokenizer = Tokenizer.from_dir(bundle.tokenizer_dir)
-    backends = {n: create_backend(n, bundle, BackendOptions(threads=threads)).load() for n in opts.backends}
+    labels = opts.backends or (["torch", "onnxruntime"] if opts.bundle is not None
+                               else ["torch", "onnxruntime", "onnxruntime:int8"])
+    backends = {}
+    for label in labels:
+        name, _, precision = label.partition(":")
+        b = bundle if not precision or precision == bundle.manifest.precision else \
+            cached_bundle(opts, precision)
+        backends[label] = create_backend(name, b, BackendOptions(threads=threads)).load()
     try:
         gens = {n: Generator(b, tokenizer) for n, b in backends.items()}
         rng = np.random.default_rng(opts.seed)
@@ -175,7 +198,7 @@ def run_bench(opts: BenchOptions, bundle: Bundle | None = None) -> BenchResult:
             step = statistics.median(s for _, s in runs) * 1e3
             rows.append(BenchRow(name, b, prefill, step, step / b, 1e3 * b / step, len(runs),
                                  min(p for p, _ in runs) * 1e3, min(s for _, s in runs) * 1e3))
-        rows.sort(key=lambda r: (r.batch, opts.backends.index(r.backend)))
+        rows.sort(key=lambda r: (r.batch, labels.index(r.backend)))
     finally:
         for be in backends.values():
             be.close()
@@ -190,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--model", default="gpt2-124m", help="preset to export (random weights)")
     ap.add_argument("--bundle", type=Path, default=None, help="benchmark this bundle instead")
-    ap.add_argument("--backends", default="torch,onnxruntime")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated; name:precision runs a precision variant of the preset; the "
+                         "first is the baseline (default: torch,onnxruntime,onnxruntime:int8; without "
+                         "the int8 variant with --bundle)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
-    opts = BenchOptions(out=a.out, model=a.model, bundle=a.bundle, backends=a.backends.split(","),
+    opts = BenchOptions(out=a.out, model=a.model, bundle=a.bundle,
+                        backends=a.backends.split(",") if a.backends else None,
                         batches=[int(b) for b in a.batches.split(",")], prompt_len=a.prompt_len,
                         new_tokens=a.new_tokens, repeats=a.repeats, threads=a.threads)
     t0 = time.perf_counter()

@@ -25,5 +25,15 @@ def test_bench_cli_writes_json(tiny_bundle, tmp_path, capsys):
                  "--prompt-len", "3", "--new-tokens", "2", "--repeats", "1", "--threads", "1"]) == 0
     data = json.loads((tmp_path / "bench-decode-tiny.json").read_text())
     assert [r["backend"] for r in data["rows"]] == ["torch", "onnxruntime"]
-    assert "1" in data["ratios_torch_over_onnxruntime"]
+    assert data["baseline"] == "torch" and "1" in data["ratios_over_baseline"]["onnxruntime"]
     assert "| onnxruntime | 1 |" in capsys.readouterr().out
+
+
+def test_bench_runs_a_precision_variant_of_the_preset(tmp_path):
+    """`onnxruntime:int8` exports (and caches) the int8 variant of the same preset and seed."""
+    opts = BenchOptions(out=tmp_path, model="tiny", backends=["onnxruntime", "onnxruntime:int8"],
+                        batches=[1], prompt_len=3, new_tokens=2, repeats=1, threads=1)
+    result = run_bench(opts)
+    assert [r.backend for r in result.rows] == ["onnxruntime", "onnxruntime:int8"]
+    assert (tmp_path / "bundles" / "tiny-seed0-int8" / "manifest.json").is_file()
+    assert "B=1: onnxruntime:int8 vs onnxruntime" in result.table()
