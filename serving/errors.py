@@ -32,7 +32,12 @@ class NotFound(ServingError):
 
 
 class Unavailable(ServingError):
-    """The server is not ready (loading, failed its parity canary, shutting down)."""
+    """The server cannot take this request now; retrying later may work.
+
+    Raised while the model loads or shuts down, while every KV cache the backend can hold is in
+    use (the admission limit), and for inference requests while the server is NOT_SERVING after
+    a failed startup parity canary (``--parity warn``; the message carries the canary summary).
+    """
 
     code = "UNAVAILABLE"
 
@@ -41,3 +46,9 @@ class BackendUnavailable(ServingError):
     """A backend cannot run here: missing package, provider or device; or an incompatible engine."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Cancelled(ServingError):
+    """The client cancelled (or went away) while the work ran; the work stopped early."""
+
+    code = "CANCELLED"

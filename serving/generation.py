@@ -76,7 +76,8 @@ class FinalEvent:
         completion_tokens: Tokens generated (``len(token_ids)``; a final stop/EOS token is not counted).
         token_ids: The generated token ids.
         text: The generated text (cut before a stop string).
-        time_to_first_token_s: From the start of the request to the first token chosen (the prefill).
+        time_to_first_token_s: From the request's arrival at the runtime (``started_at``; queueing
+            for the backend included) to the first token chosen, prefill included.
         per_token_s: Time between consecutive tokens (one entry per token after the first).
     """
 
@@ -113,6 +114,40 @@ class BatchResult:
     tokens: list[list[int]]
     prefill_s: float
     step_s: list[float]  # one entry per decode step after the prefill
+
+
+def left_padded_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """Position ids (B, S) for a left-padded ``attention_mask`` (B, S): real tokens count 0, 1, ...
+
+    Padding slots get 0 (they are masked anyway); this is what transformers' ``generate`` does.
+    """
+    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+
+
+def remaining_text(final_text: str, streamed: str) -> str:
+    """What of a generation's final text was not streamed yet ("" if the stream diverged from it)."""
+    return final_text[len(streamed):] if final_text.startswith(streamed) else ""
+
+
+def score_logits(logits: np.ndarray, ids: list[int], top_k: int) -> ScoreResult:
+    """Log-probabilities of ``ids`` (and the top-k) from their logits (S, V), in float32.
+
+    Uses ``log p = logit - logsumexp(row)``; the top-k are picked on the logits directly (the
+    same order as the log-probabilities) with a partial sort.
+    """
+    s = logits.shape[0]
+    m = logits.max(-1, keepdims=True)  # (S, 1)
+    lse = m + np.log(np.exp(logits - m, dtype=np.float32).sum(-1, keepdims=True))  # (S, 1)
+    nxt = np.asarray(ids[1:], dtype=np.int64)
+    token_lp = (logits[np.arange(s - 1), nxt] - lse[:-1, 0]).astype(np.float32)
+    if top_k == 0:
+        return ScoreResult(logits=logits, top_ids=None, top_logprobs=None, token_logprobs=token_lp)
+    part = np.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k]  # (S, k), unordered
+    order = np.argsort(-np.take_along_axis(logits, part, -1), axis=-1, kind="stable")
+    top_ids = np.take_along_axis(part, order, -1)
+    top_lp = (np.take_along_axis(logits, top_ids, -1) - lse).astype(np.float32)
+    return ScoreResult(logits=None, top_ids=top_ids.astype(np.int64), top_logprobs=top_lp,
+                       token_logprobs=token_lp)
 
 
 def _holdback(text: str, start: int, stops: list[str]) -> int:
@@ -198,16 +233,22 @@ class Generator:
                              f"or ask for at most {max(self.n_positions - n_prompt, 0)} new tokens")
 
     # --- streaming generation ------------------------------------------------------------------
-    def stream(self, req: GenerationRequest,
-               cancelled: Callable[[], bool] = lambda: False) -> Iterator[TokenEvent | FinalEvent]:
+    def stream(self, req: GenerationRequest, cancelled: Callable[[], bool] = lambda: False,
+               started_at: float | None = None) -> Iterator[TokenEvent | FinalEvent]:
         """Validate ``req``, then yield a TokenEvent per generated token and one FinalEvent.
 
         ``cancelled()`` is checked before every forward; when it returns True the generation ends
         with finish_reason "cancelled" and its KV cache is dropped. Closing the iterator early
         drops the cache too.
+
+        Args:
+            req: The request.
+            cancelled: Polled before every forward.
+            started_at: ``time.perf_counter()`` when the request arrived (a server takes it before
+                queueing for the backend, so time to first token includes the wait); None = now.
         """
         self.validate(req)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if started_at is None else started_at
         sp = req.sampling
         rng = None if sp.greedy else sp.rng()
         decoder = self.tokenizer.stream_decoder()
@@ -270,10 +311,10 @@ class Generator:
         finally:
             cache = None
 
-    def generate(self, req: GenerationRequest) -> FinalEvent:
+    def generate(self, req: GenerationRequest, cancelled: Callable[[], bool] = lambda: False) -> FinalEvent:
         """Run ``stream`` to the end and return its FinalEvent."""
         final = None
-        for event in self.stream(req):
+        for event in self.stream(req, cancelled):
             if isinstance(event, FinalEvent):
                 final = event
         assert final is not None
@@ -304,8 +345,7 @@ class Generator:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1
-        # Positions count real tokens only; padding slots get 0 (they are masked anyway).
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        pos = left_padded_positions(mask)
         rngs = [None if sampling.greedy else sampling.rng() for _ in range(b)]
         eos = self.eos_token_id if stop_at_eos else None
         tokens: list[list[int]] = [[] for _ in range(b)]
@@ -351,6 +391,14 @@ class Generator:
             InvalidInput: empty sequence, ids outside the vocabulary, top_k out of [0, vocab_size].
             OutOfRange: more ids than the model's context.
         """
+        self.check_score(ids, top_k)
+        s = len(ids)
+        out = self.backend.forward(np.asarray([ids], dtype=np.int64), np.ones((1, s), dtype=np.int64),
+                                   np.arange(s, dtype=np.int64)[None, :])
+        return score_logits(out.logits[0], ids, top_k)
+
+    def check_score(self, ids: list[int], top_k: int) -> None:
+        """Validate a ``score`` request (raises what ``score`` documents)."""
         problems = [] if ids else ["the sequence to score is empty"]
         problems += self._id_problems("token ids", ids)
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or \
@@ -362,18 +410,3 @@ class Generator:
         s = len(ids)
         if s > self.n_positions:
             raise OutOfRange(f"the sequence has {s} tokens; the model's context is {self.n_positions}")
-        out = self.backend.forward(np.asarray([ids], dtype=np.int64), np.ones((1, s), dtype=np.int64),
-                                   np.arange(s, dtype=np.int64)[None, :])
-        logits = out.logits[0]  # (S, V)
-        x = logits.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        logprobs = x - np.log(np.exp(x).sum(-1, keepdims=True))  # (S, V)
-        token_lp = logprobs[np.arange(s - 1), np.asarray(ids[1:], dtype=np.int64)].astype(np.float32)
-        if top_k == 0:
-            return ScoreResult(logits=logits, top_ids=None, top_logprobs=None, token_logprobs=token_lp)
-        part = np.argpartition(-logprobs, top_k - 1, axis=-1)[:, :top_k]  # (S, k), unordered
-        order = np.argsort(-np.take_along_axis(logprobs, part, -1), axis=-1, kind="stable")
-        top_ids = np.take_along_axis(part, order, -1)
-        top_lp = np.take_along_axis(logprobs, top_ids, -1).astype(np.float32)
-        return ScoreResult(logits=None, top_ids=top_ids.astype(np.int64), top_logprobs=top_lp,
-                           token_logprobs=token_lp)

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS
-from serving.errors import InvalidInput, NotFound, OutOfRange
-from serving.generation import FinalEvent, GenerationRequest
+from serving.errors import InvalidInput, NotFound
+from serving.generation import FinalEvent, GenerationRequest, remaining_text
 from serving.grpc_errors import status_for
 from serving.metrics import ServerMetrics
 from serving.proto import grpc_service_pb2 as pb
@@ -143,11 +143,6 @@ def output_tensor(name: str, array: np.ndarray, datatype: str
         raw = np.ascontiguousarray(array, dtype=dt).tobytes()
     return pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype,
                                                    shape=list(array.shape)), raw
-
-
-def param_value(p: pb.InferParameter) -> Any:
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else None
 
 
 # --- the servicer ----------------------------------------------------------------------------
@@ -258,7 +253,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         streamed = ""
         for event in events:
             if isinstance(event, FinalEvent):
-                text = event.text[len(streamed):] if stream else event.text
+                text = remaining_text(event.text, streamed) if stream else event.text
                 yield pb.ModelStreamInferResponse(infer_response=self._text_response(request, text, event))
             elif stream:
                 streamed += event.text
@@ -336,14 +331,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 problems.append("every attention_mask row needs at least one 1")
         if problems:
             raise InvalidInput(f"model {self.forward_model!r}: " + "; ".join(problems))
-        v, n = self.runtime.bundle.dims.vocab_size, self.runtime.bundle.dims.n_positions
-        bad = ids[(ids < 0) | (ids >= v)]
-        if bad.size:
-            raise InvalidInput(f"input_ids must be token ids in [0, {v}) (the vocabulary); got "
-                               f"{bad[:5].tolist()}")
-        if ids.shape[1] > n:
-            raise OutOfRange(f"input_ids has {ids.shape[1]} tokens per row; the model's context is "
-                             f"{n} positions")
+        # Token ids and the context length are checked by the backend (InvalidInput/OutOfRange).
         logits = self.runtime.forward(ids, mask)
         meta, raw = output_tensor(LOGITS, logits, "FP32")
         return pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,

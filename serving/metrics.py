@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 _NS = "gpt2_deploy"
@@ -104,9 +104,6 @@ class ServerMetrics:
         """A sample's current value (0.0 when absent), e.g. ``value("gpt2_deploy_requests_total")``."""
         v = self.registry.get_sample_value(name, labels or {})
         return 0.0 if v is None else v
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
     # --- HTTP endpoint -------------------------------------------------------------------------
     def start_http(self, port: int, addr: str = "127.0.0.1") -> int:

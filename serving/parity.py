@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 from export.compare import CaseResult, ComparisonReport, Tolerance, compare_logits, tolerance_for
 from export.manifest import Bundle
 from serving.backends.base import Backend, BackendOptions
+from serving.errors import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +82,32 @@ def reference_backend(bundle: Bundle, device: str = "cpu") -> Backend:
 
 
 def tolerance_for_backend(bundle: Bundle, backend_name: str, device: str = "cpu") -> Tolerance:
-    """The tolerance a backend must meet against the CPU fp32 reference.
+    """The tolerance a backend running the bundle's ONNX precision must meet against the reference.
 
-    The bundle's precision decides (fp16, int8 ... presets); a TensorRT engine's own precision
-    wins for the tensorrt backend; fp32 on a GPU uses the "tf32" preset (ORT's CUDA EP and
-    TensorRT use TF32 matmuls by default, and GPU kernels differ from CPU ones).
+    The bundle's precision decides (fp16, int8 ... presets); fp32 on a GPU uses the "tf32" preset
+    (ORT's CUDA EP and TensorRT use TF32 matmuls by default, and GPU kernels differ from CPU ones).
+    A backend that runs something else (a TensorRT engine of its own precision) says so itself:
+    use ``served_tolerance`` on the loaded backend.
     """
     precision = bundle.manifest.precision
-    if backend_name == "tensorrt" and bundle.manifest.engines:
-        precision = bundle.manifest.engines[-1].get("precision", precision)
     precision = _PRECISION_ALIASES.get(precision, precision)
     if precision == "fp32" and device.startswith("cuda"):
         precision = "tf32"
     return tolerance_for(precision)
+
+
+def served_tolerance(backend: Backend) -> Tolerance:
+    """The tolerance of a loaded backend: the preset it reports in ``info()["tolerance"]`` (the
+    TensorRT backend: the engine it actually loaded), else ``tolerance_for_backend``."""
+    name = backend.info().get("tolerance")
+    if name:
+        return tolerance_for(name)
+    return tolerance_for_backend(backend.bundle, backend.name, backend.options.device)
+
+
+def _check_cancelled(cancelled: Callable[[], bool] | None, what: str) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled(f"{what} was cancelled")
 
 
 def _case_name(seq: int, step: int, token: int | None, n_seqs: int) -> str:
@@ -102,7 +117,8 @@ def _case_name(seq: int, step: int, token: int | None, n_seqs: int) -> str:
 
 def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[list[int]],
                           tolerance: Tolerance, prompt_len: int | list[int],
-                          title: str | None = None) -> ParityReport:
+                          title: str | None = None,
+                          cancelled: Callable[[], bool] | None = None) -> ParityReport:
     """Run each sequence through both backends step by step and compare the logits of every step.
 
     Step 0 prefills ``sequence[:prompt_len]`` (all prompt positions compared); step t >= 1 feeds
@@ -114,6 +130,10 @@ def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[l
         sequences: Prompt + continuation ids (the continuation is what both are fed).
         tolerance: What passing means.
         prompt_len: The prompt length, one for all sequences or one per sequence.
+        cancelled: Polled before every step; when it returns True the check stops.
+
+    Raises:
+        Cancelled: ``cancelled()`` returned True.
     """
     lens = [prompt_len] * len(sequences) if isinstance(prompt_len, int) else list(prompt_len)
     if len(lens) != len(sequences):
@@ -126,6 +146,7 @@ def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[l
             raise ValueError(f"sequence {si}: prompt_len {p} outside [1, {len(seq)}]")
         caches: list[Any] = [None, None]  # reference's, served's
         for step in range(len(seq) - p + 1):
+            _check_cancelled(cancelled, report.title)
             if step == 0:
                 ids = np.asarray([seq[:p]], dtype=np.int64)
                 pos = np.arange(p, dtype=np.int64)[None, :]
@@ -159,33 +180,54 @@ def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[l
 
 
 def reference_continuations(reference: Backend, tokenizer: Any, prompts: list[list[int]],
-                            new_tokens: int) -> list[list[int]]:
-    """Prompt + the reference's greedy continuation (without stopping at EOS) for each prompt."""
+                            new_tokens: int, cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
+    """Prompt + the reference's greedy continuation (without stopping at EOS) for each prompt.
+
+    Raises:
+        Cancelled: ``cancelled()`` returned True (polled before every reference step).
+    """
     from serving.generation import GenerationRequest, Generator
 
     gen = Generator(reference, tokenizer)
-    return [list(p) + gen.generate(GenerationRequest(list(p), new_tokens, stop_at_eos=False)).token_ids
-            for p in prompts]
+    out = []
+    for p in prompts:
+        final = gen.generate(GenerationRequest(list(p), new_tokens, stop_at_eos=False),
+                             cancelled or (lambda: False))
+        if final.finish_reason == "cancelled":
+            raise Cancelled("the reference generation for parity was cancelled")
+        out.append(list(p) + final.token_ids)
+    return out
 
 
 def check_generation_parity(served: Backend, reference: Backend, tokenizer: Any, prompt_ids: list[int],
-                            max_new_tokens: int, tolerance: Tolerance) -> ParityReport:
+                            max_new_tokens: int, tolerance: Tolerance,
+                            cancelled: Callable[[], bool] | None = None) -> ParityReport:
     """Whole-generation parity of one prompt, per step (the CheckParity RPC and the CLI).
 
     The reference generates greedily; both backends are then teacher-forced along that sequence.
+
+    Raises:
+        Cancelled: ``cancelled()`` returned True (polled before every step of either part).
     """
-    seq = reference_continuations(reference, tokenizer, [prompt_ids], max_new_tokens)[0]
+    seq = reference_continuations(reference, tokenizer, [prompt_ids], max_new_tokens, cancelled)[0]
     return teacher_forced_parity(served, reference, [seq], tolerance, len(prompt_ids),
-                                 title=f"generation parity {served.name} vs {reference.name}")
+                                 title=f"generation parity {served.name} vs {reference.name}",
+                                 cancelled=cancelled)
 
 
 def run_canary(served: Backend, reference: Backend, tokenizer: Any, tolerance: Tolerance,
-               prompts: list[str] = DEFAULT_CANARY_PROMPTS, new_tokens: int = 8) -> ParityReport:
-    """The startup canary: a few fixed prompts teacher-forced through both backends."""
+               prompts: list[str] = DEFAULT_CANARY_PROMPTS, new_tokens: int = 8,
+               cancelled: Callable[[], bool] | None = None) -> ParityReport:
+    """The startup canary: a few fixed prompts teacher-forced through both backends.
+
+    Raises:
+        Cancelled: ``cancelled()`` returned True (polled before every step).
+    """
     ids = [tokenizer.encode(p) for p in prompts]
-    seqs = reference_continuations(reference, tokenizer, ids, new_tokens)
+    seqs = reference_continuations(reference, tokenizer, ids, new_tokens, cancelled)
     report = teacher_forced_parity(served, reference, seqs, tolerance, [len(i) for i in ids],
-                                   title=f"startup canary {served.name} vs {reference.name}")
+                                   title=f"startup canary {served.name} vs {reference.name}",
+                                   cancelled=cancelled)
     (log.info if report else log.error)("%s", report.summary())
     return report
 
@@ -194,14 +236,9 @@ class ShadowParity:
     """Re-checks a sampled fraction of live requests against the reference, off the hot path.
 
     ``maybe_submit`` is cheap and never blocks: it samples with probability ``rate`` and enqueues
-    into a bounded queue, counting a drop when the queue is full. A worker thread checks each
-    item and records the report (``last_report``, the counters, ``on_result``).
-
-    With ``served`` given, the worker teacher-forces the request's tokens through both backends
-    and compares logits (a full ParityReport). Without it, only the request's tokens are known:
-    for greedy requests each generated token must be the reference's argmax at its step (a
-    ParityReport whose cases measure top-1 agreement only, max|Δ| reported as 0); requests
-    submitted with ``greedy=False`` are then skipped.
+    into a bounded queue, counting a drop when the queue is full. A worker thread teacher-forces
+    each request's tokens (sampled or greedy) through both backends, compares the logits of every
+    step, and records the report (``last_report``, the counters, ``on_result``).
 
     Args:
         reference: The loaded reference backend.
@@ -210,24 +247,27 @@ class ShadowParity:
         queue_size: Bound of the work queue.
         on_result: Called with each report on the worker thread.
         seed: Seed of the sampling decision.
-        served: The served backend, for logit-level checks.
+        served: The served backend (a server passes it wrapped so each forward takes its lock).
+        guard: Entered around each check (a server's admission limit); None = nothing.
     """
 
     def __init__(self, reference: Backend, tolerance: Tolerance, rate: float, queue_size: int = 64,
                  on_result: Callable[[ParityReport], None] | None = None, seed: int = 0, *,
-                 served: Backend | None = None):
+                 served: Backend, guard: Callable[[], AbstractContextManager] | None = None):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"shadow rate must be in [0, 1], got {rate}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.reference = reference
         self.served = served
+        self.guard = guard or nullcontext
         self.tolerance = tolerance
         self.rate = rate
         self.on_result = on_result
         self._rng = np.random.default_rng(seed)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self._lock = threading.Lock()
         self.submitted = self.dropped = self.checked = self.failed = self.skipped = self.errors = 0
         self.last_report: ParityReport | None = None
@@ -238,25 +278,39 @@ class ShadowParity:
             self._thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the worker after the item it is on; queued items are discarded."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the worker after the item it is on; queued items are discarded.
+
+        Returns:
+            True when the worker has ended (its backends may be closed); False when it is still
+            inside a check after ``timeout`` (``stop`` may be called again).
+        """
         if self._thread is None:
-            return
-        while True:  # make room for the sentinel without blocking
-            try:
-                self._queue.put_nowait(None)
-                break
-            except queue.Full:
+            return True
+        if not self._stopping:
+            self._stopping = True
+            while True:  # discard what is queued, then post the sentinel (never blocks)
                 try:
                     self._queue.get_nowait()
+                    self._queue.task_done()  # a discarded item counts as done for join()
+                    continue
                 except queue.Empty:
                     pass
+                try:
+                    self._queue.put_nowait(None)
+                    break
+                except queue.Full:  # a late submit slipped in: drain again
+                    continue
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("shadow parity worker still busy after %.1f s; leaving it to finish", timeout)
+            return False
         self._thread = None
+        return True
 
     def maybe_submit(self, prompt_ids: list[int], generated_ids: list[int], *, greedy: bool = True) -> bool:
         """Sample this request for a shadow check; True if it was queued."""
-        if not generated_ids or self.rate <= 0:
+        if not generated_ids or self.rate <= 0 or self._stopping:
             return False
         with self._lock:
             if self._rng.random() >= self.rate:
@@ -284,14 +338,14 @@ class ShadowParity:
 
     def check(self, prompt_ids: list[int], generated_ids: list[int],
               greedy: bool = True) -> ParityReport | None:
-        """One shadow check, synchronously (what the worker runs). None when skipped."""
+        """One shadow check, synchronously (what the worker runs). None when skipped.
+
+        ``greedy`` does not matter for a teacher-forced check (sampled tokens are fed the same way).
+        """
         seq = list(prompt_ids) + list(generated_ids)
-        if self.served is not None:
+        with self.guard():
             return teacher_forced_parity(self.served, self.reference, [seq], self.tolerance, len(prompt_ids),
                                          title=f"shadow parity {self.served.name} vs {self.reference.name}")
-        if not greedy:
-            return None
-        return greedy_token_parity(self.reference, prompt_ids, generated_ids, self.tolerance)
 
     def _run(self) -> None:
         while True:
@@ -324,30 +378,6 @@ class ShadowParity:
         with self._lock:
             return {"submitted": self.submitted, "dropped": self.dropped, "checked": self.checked,
                     "failed": self.failed, "skipped": self.skipped, "errors": self.errors}
-
-
-def greedy_token_parity(reference: Backend, prompt_ids: list[int], generated_ids: list[int],
-                        tolerance: Tolerance) -> ParityReport:
-    """Whether each greedily generated token is the reference's argmax at its step (one forward)."""
-    seq = list(prompt_ids) + list(generated_ids)
-    s, p = len(seq), len(prompt_ids)
-    out = reference.forward(np.asarray([seq], dtype=np.int64), np.ones((1, s), dtype=np.int64),
-                            np.arange(s, dtype=np.int64)[None, :])
-    ref_next = out.logits[0, p - 1: s - 1].argmax(-1)  # (G,) the reference's choice at each step
-    report = ParityReport(title=f"shadow token parity vs {reference.name}", tolerance=tolerance,
-                          served="(tokens)", reference=reference.name, steps=len(generated_ids))
-    for t, (got, want) in enumerate(zip(generated_ids, ref_next.tolist())):
-        agree = got == want
-        report.cases.append(CaseResult(f"step {t + 1} (token {got}, reference {want})", 0.0, 0.0,
-                                       1.0 if agree else 0.0, 1, None if agree else 0,
-                                       agree or tolerance.min_top1 < 1.0))
-        if not agree and report.first_diverging_step is None:
-            report.first_diverging_step = t + 1
-            report.first_diverging = f"step {t + 1}: served token {got}, reference argmax {want}"
-    # Below-1 top-1 tolerances judge the agreement over the whole request, not per token.
-    if tolerance.min_top1 < 1.0 and report.top1_agreement < tolerance.min_top1:
-        report.errors.append(f"top-1 agreement {report.top1_agreement:.2%} < {tolerance.min_top1:.0%}")
-    return report
 
 
 @dataclass
@@ -384,24 +414,22 @@ def run_parity(opts: ParityOptions) -> ParityReport:
         export.manifest.BundleError, serving.errors.ServingError, ValueError: unusable inputs.
     """
     from serving.backends import backend_options, create_backend
+    from serving.generation import GenerationRequest, Generator
     from serving.tokenizer import Tokenizer
 
-    if opts.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {opts.max_new_tokens}")
     bundle = Bundle.open(opts.bundle)
     options = backend_options(opts.backend, opts.device, engine=opts.engine, trt_runtime=opts.trt_runtime)
-    tolerance = tolerance_for(opts.tolerance) if opts.tolerance else \
-        tolerance_for_backend(bundle, opts.backend, options.device)
+    fixed = tolerance_for(opts.tolerance) if opts.tolerance else None  # a bad name fails before loading
     tokenizer = Tokenizer.from_dir(bundle.tokenizer_dir)
-    with create_backend(opts.backend, bundle, options) as served, \
-            reference_backend(bundle, opts.reference_device) as reference:
-        if opts.prompt is None:
-            return run_canary(served, reference, tokenizer, tolerance, new_tokens=opts.max_new_tokens)
-        ids = tokenizer.encode(opts.prompt)
-        if not ids:
-            raise ValueError("--prompt is empty; give some text")
-        limit = bundle.dims.n_positions
-        if len(ids) + opts.max_new_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({opts.max_new_tokens}) "
-                             f"exceeds the model's context of {limit} positions")
-        return check_generation_parity(served, reference, tokenizer, ids, opts.max_new_tokens, tolerance)
+    ids = tokenizer.encode(opts.prompt) if opts.prompt is not None else None
+    with create_backend(opts.backend, bundle, options) as served:
+        # Prompt and --max-new-tokens are checked like a server request (same messages).
+        check = Generator(served, tokenizer, max_new_tokens_limit=bundle.dims.n_positions)
+        for p in [ids] if ids is not None else [tokenizer.encode(t) for t in DEFAULT_CANARY_PROMPTS]:
+            check.validate(GenerationRequest(p, opts.max_new_tokens))
+        tolerance = fixed or served_tolerance(served)  # the engine actually loaded decides
+        with reference_backend(bundle, opts.reference_device) as reference:
+            if ids is None:
+                return run_canary(served, reference, tokenizer, tolerance, new_tokens=opts.max_new_tokens)
+            return check_generation_parity(served, reference, tokenizer, ids, opts.max_new_tokens,
+                                           tolerance)

@@ -16,7 +16,7 @@ import numpy as np
 from serving.errors import InvalidInput
 
 MAX_TEMPERATURE = 100.0
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**64 - 1  # KServe random_seed and our API seed are uint64
 
 
 @dataclass
@@ -28,7 +28,7 @@ class SamplingParams:
         top_k: Keep only the k most likely tokens; 0 disables. In [0, vocab_size].
         top_p: Keep the smallest set of most likely tokens whose probability reaches top_p,
             in (0, 1]; 1 disables.
-        seed: Seed of the request's random stream, in [0, 2**63); None draws a fresh one.
+        seed: Seed of the request's random stream, in [0, 2**64); None draws a fresh one.
         do_sample: Sample (True) or take the argmax (False, the default).
     """
 
@@ -59,7 +59,7 @@ class SamplingParams:
         s = self.seed
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer))
                               or not 0 <= s <= MAX_SEED):
-            problems.append(f"seed must be an integer in [0, 2**63) or unset, got {s!r}")
+            problems.append(f"seed must be an integer in [0, 2**64) or unset, got {s!r}")
         if problems:
             raise InvalidInput("invalid sampling parameters: " + "; ".join(problems))
 

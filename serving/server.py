@@ -8,7 +8,8 @@
 
 Startup: bind the port and start with health NOT_SERVING (so liveness answers while loading) ->
 load the backend -> parity canary against the torch reference -> health SERVING. A failing
-canary keeps health NOT_SERVING and logs why (``--parity warn``, the default) or refuses to start
+canary keeps health NOT_SERVING, logs why and refuses inference requests with UNAVAILABLE while
+ModelInfo and CheckParity keep answering (``--parity warn``, the default), or refuses to start
 (``--parity strict``). Shutdown: health NOT_SERVING -> ``server.stop(grace)`` lets in-flight
 streams finish -> shadow parity and backends closed.
 """
@@ -30,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from export.manifest import Bundle
 from serving.backends import backend_options, create_backend
 from serving.backends.base import Backend
+from serving.errors import Cancelled
 from serving.grpc_errors import ErrorInterceptor
 from serving.kserve import KServeServicer
 from serving.metrics import ServerMetrics
@@ -51,6 +53,10 @@ EXIT_OK, EXIT_STARTUP, EXIT_PARITY = 0, 2, 3
 
 class ParityRefused(RuntimeError):
     """``--parity strict`` and the startup canary failed: the server refuses to start."""
+
+
+class StartupCancelled(Exception):
+    """The stop event was set (SIGTERM/SIGINT) while the server was still starting."""
 
 
 @dataclass
@@ -75,8 +81,11 @@ class ServeOptions:
         metrics_port: Prometheus /metrics on this port (on ``host``); 0 (default) disables.
         workers: gRPC worker threads (concurrent RPCs).
         threads: Backend intra-op threads; None lets the runtime decide.
-        max_new_tokens_limit: Largest max_new_tokens a request may ask for.
+        max_new_tokens_limit: Largest max_new_tokens a request may ask for (>= 1).
         reference_device: Device of the torch reference for parity checks.
+        kv_slots: tensorrt only: KV caches (so generations) live at once; None = the backend's
+            default (2). Requests beyond it wait up to ``admission_timeout_s`` for a free one.
+        admission_timeout_s: How long a request waits for a free KV cache before UNAVAILABLE.
     """
 
     bundle: Path | str
@@ -95,6 +104,8 @@ class ServeOptions:
     threads: int | None = None
     max_new_tokens_limit: int = 4096
     reference_device: str = "cpu"
+    kv_slots: int | None = None
+    admission_timeout_s: float = 30.0
 
     def check(self) -> None:
         """Raise ValueError listing every option out of range."""
@@ -106,9 +117,15 @@ class ServeOptions:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be in [0, 65535], got {getattr(self, name)}")
-        if not 1 <= self.max_message_mb <= 2047:
-            problems.append(f"max_message_mb must be in [1, 2047] (gRPC's limit is 2 GiB), "
-                            f"got {self.max_message_mb}")
+        if not 2 <= self.max_message_mb <= 2047:
+            problems.append(f"max_message_mb must be in [2, 2047] (1 MiB is kept for the message "
+                            f"around a tensor; gRPC's limit is 2 GiB), got {self.max_message_mb}")
+        if self.max_new_tokens_limit < 1:
+            problems.append(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
+        if self.kv_slots is not None and self.kv_slots < 1:
+            problems.append(f"kv_slots must be >= 1, got {self.kv_slots}")
+        if self.admission_timeout_s < 0:
+            problems.append(f"admission_timeout_s must be >= 0, got {self.admission_timeout_s}")
         if self.grace_s < 0:
             problems.append(f"grace_s must be >= 0, got {self.grace_s}")
         if self.workers < 1:
@@ -178,13 +195,16 @@ class RunningServer:
         self.stop()
 
 
-def build_server(opts: ServeOptions, *, backend: Backend | None = None) -> RunningServer:
+def build_server(opts: ServeOptions, *, backend: Backend | None = None,
+                 stop: threading.Event | None = None) -> RunningServer:
     """Open the bundle, start the gRPC server, load the backend, run the canary.
 
     Args:
         opts: What to serve and how.
         backend: Serve this (constructed, not necessarily loaded) backend instead of creating
             ``opts.backend`` (tests use it to serve a deliberately perturbed real backend).
+        stop: Checked between the startup phases (load, canary, shadow) and during the canary;
+            when set, startup is abandoned (the server stopped) with StartupCancelled.
 
     Raises:
         ValueError: invalid options or an unknown backend name.
@@ -192,23 +212,22 @@ def build_server(opts: ServeOptions, *, backend: Backend | None = None) -> Runni
         MissingDependencyError / BackendUnavailable: the backend cannot run here.
         OSError: the port cannot be bound.
         ParityRefused: ``parity="strict"`` and the canary failed.
+        StartupCancelled: ``stop`` was set during startup.
     """
     opts.check()
     bundle = Bundle.open(opts.bundle)
     if backend is None:
         backend = create_backend(opts.backend, bundle, backend_options(
             opts.backend, opts.device, threads=opts.threads, engine=opts.engine,
-            trt_runtime=opts.trt_runtime))
-    from serving.parity import tolerance_for_backend
+            trt_runtime=opts.trt_runtime, kv_slots=opts.kv_slots))
 
     metrics = ServerMetrics()
     max_bytes = opts.max_message_mb << 20
-    runtime = ModelRuntime(
+    runtime = ModelRuntime(  # the tolerance comes from the backend once it is loaded
         bundle, backend, metrics=metrics,
-        tolerance=tolerance_for_backend(bundle, backend.name, backend.options.device),
         max_new_tokens_limit=opts.max_new_tokens_limit, reference_device=opts.reference_device,
         max_response_bytes=max_bytes - (1 << 20),  # headroom for the message around the tensor
-        parity_mode=opts.parity)
+        parity_mode=opts.parity, admission_timeout_s=opts.admission_timeout_s)
 
     interceptor = ErrorInterceptor(on_request=metrics.request, on_error=metrics.error)
     server = grpc.server(
@@ -239,11 +258,24 @@ def build_server(opts: ServeOptions, *, backend: Backend | None = None) -> Runni
     running.set_serving(False)
     server.start()
     log.info("listening on %s (loading %s on %s)", running.address, bundle.name, backend.name)
+    stopping = stop.is_set if stop is not None else (lambda: False)
+
+    def check_stop(phase: str) -> None:
+        if stopping():
+            raise StartupCancelled(f"stop requested {phase}; startup abandoned")
+
     try:
+        check_stop("before loading")
         runtime.load()
-        runtime.state = SERVING if _canary(runtime, opts.parity) else NOT_SERVING
+        check_stop("after loading")
+        try:
+            runtime.state = SERVING if _canary(runtime, opts.parity, stopping) else NOT_SERVING
+        except Cancelled:
+            raise StartupCancelled("stop requested during the startup canary; startup abandoned") from None
+        check_stop("after the canary")
         if opts.shadow_rate > 0:
             runtime.start_shadow(opts.shadow_rate)
+            check_stop("after starting shadow parity")
     except BaseException:
         running.stop(grace=0)
         raise
@@ -253,17 +285,20 @@ def build_server(opts: ServeOptions, *, backend: Backend | None = None) -> Runni
     return running
 
 
-def _canary(runtime: ModelRuntime, mode: str) -> bool:
+def _canary(runtime: ModelRuntime, mode: str, cancelled=None) -> bool:
     """Run the startup canary per ``mode``; True if the server may report SERVING.
 
     Raises:
         ParityRefused: strict mode and the canary failed (or could not run).
+        Cancelled: ``cancelled()`` turned True during the canary.
     """
     if mode == "off":
         runtime.canary = "off"
         return True
     try:
-        report = runtime.run_canary()
+        report = runtime.run_canary(cancelled)
+    except Cancelled:
+        raise
     except Exception as e:  # noqa: BLE001 - e.g. torch missing for the reference
         if mode == "strict":
             raise ParityRefused(f"--parity strict: the startup canary could not run: {e}") from e
@@ -276,7 +311,8 @@ def _canary(runtime: ModelRuntime, mode: str) -> bool:
     message = (f"startup canary FAILED for backend {runtime.backend.name!r}: {summary(report)}")
     if mode == "strict":
         raise ParityRefused(f"{message}; --parity strict refuses to serve\n{report}")
-    log.error("%s; health stays NOT_SERVING (--parity warn)\n%s", message, report)
+    log.error("%s; health stays NOT_SERVING and inference requests get UNAVAILABLE (--parity warn; "
+              "--parity off serves anyway)\n%s", message, report)
     return False
 
 
@@ -290,8 +326,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def serve(opts: ServeOptions) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully. Returns the process exit code.
 
-    0 after a clean shutdown, 2 when the server cannot start (bundle, backend, port, options),
-    3 when ``--parity strict`` refuses to start.
+    0 after a clean shutdown (also when SIGTERM/SIGINT arrives during startup), 2 when the
+    server cannot start (bundle, backend, port, options), 3 when ``--parity strict`` refuses to
+    start.
     """
     stop = threading.Event()
     received: list[str] = []
@@ -303,7 +340,10 @@ def serve(opts: ServeOptions) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            running = build_server(opts)
+            running = build_server(opts, stop=stop)
+        except StartupCancelled as e:
+            log.info("received %s: %s", received[0] if received else "stop", e)
+            return EXIT_OK
         except ParityRefused as e:
             log.error("%s", e)
             return EXIT_PARITY
@@ -312,7 +352,8 @@ def serve(opts: ServeOptions) -> int:
             from export.manifest import BundleError
             from serving.errors import ServingError
 
-            if isinstance(e, (ValueError, OSError, BundleError, MissingDependencyError, ServingError)):
+            if isinstance(e, (ValueError, OSError, RuntimeError, BundleError, MissingDependencyError,
+                              ServingError)):
                 log.error("cannot start: %s", e)
                 return EXIT_STARTUP
             raise

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from serving.errors import InvalidInput
-from serving.generation import FinalEvent, GenerationRequest
+from serving.generation import FinalEvent, GenerationRequest, remaining_text
 from serving.proto import gpt2_deploy_pb2 as pb
 from serving.proto import gpt2_deploy_pb2_grpc as pb_grpc
 from serving.runtime import ModelRuntime
@@ -99,8 +99,8 @@ class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
         streamed = ""
         for event in self.runtime.generate(req, cancelled=lambda: not context.is_active()):
             if isinstance(event, FinalEvent):
-                rest = event.text[len(streamed):] if event.text.startswith(streamed) else ""
-                yield pb.GenerateResponse(text=rest, finish=finish_message(event))
+                yield pb.GenerateResponse(text=remaining_text(event.text, streamed),
+                                          finish=finish_message(event))
             else:
                 streamed += event.text
                 yield pb.GenerateResponse(token_ids=event.token_ids, text=event.text)
@@ -135,5 +135,5 @@ class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
                     context: grpc.ServicerContext) -> pb.CheckParityResponse:
         ids = prompt_ids(self.runtime, request, "prompt")
         n = request.max_new_tokens if request.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-        report = self.runtime.check_parity(ids, n)
+        report = self.runtime.check_parity(ids, n, cancelled=lambda: not context.is_active())
         return parity_response(report, self.runtime.backend.name)

@@ -115,11 +115,6 @@ class Tokenizer:
         raise FileNotFoundError(f"{root}: no tokenizer found; expected {TOKENIZER_JSON} or "
                                 f"{VOCAB_FILE} + {MERGES_FILE}, found: {present}")
 
-    @classmethod
-    def builtin(cls) -> Tokenizer:
-        """The GPT-2 tokenizer shipped in ``export/tokenizer_data``."""
-        return cls.from_dir(Path(__file__).resolve().parent.parent / "export" / "tokenizer_data")
-
     def encode(self, text: str) -> list[int]:
         # No post-processing template: GPT-2 adds no BOS/EOS, whatever tokenizer.json says.
         return self._tk.encode(text, add_special_tokens=False).ids

@@ -43,7 +43,7 @@ def parity(
                          tolerance=tolerance)
     try:
         report = run_parity(opts)
-    except (BundleError, ServingError, ValueError, ImportError) as e:
+    except (BundleError, ServingError, ValueError, ImportError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
     print(report)

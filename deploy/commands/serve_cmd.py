@@ -9,6 +9,8 @@ import typer
 
 from deploy.commands import options as opt
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
@@ -38,6 +40,9 @@ def serve(
                                      help="Prometheus /metrics port on --host (0 = off)."),
     workers: int = typer.Option(16, "--workers", help="gRPC worker threads."),
     threads: int | None = typer.Option(None, "--threads", help="Backend intra-op threads."),
+    kv_slots: int | None = typer.Option(None, "--kv-slots",
+                                        help="tensorrt: KV caches (so generations) live at once "
+                                             "(default 2); more requests wait for a free one."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Serve a bundle over gRPC (our API + KServe v2 + health + reflection) until SIGTERM/SIGINT."""
@@ -46,14 +51,22 @@ def serve(
     from serving.server import ServeOptions
     from serving.server import serve as run
 
+    if log_level.upper() not in LOG_LEVELS:
+        print(f"error: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        raise typer.Exit(2)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = ServeOptions(bundle=bundle, backend=backend, device=device, engine=engine,
                         trt_runtime=trt_runtime, host=host, port=port,
                         max_message_mb=max_message_mb, grace_s=grace, parity=parity,
                         shadow_rate=shadow_rate, metrics_port=metrics_port, workers=workers,
-                        threads=threads)
-    raise typer.Exit(run(opts))
+                        threads=threads, kv_slots=kv_slots)
+    try:
+        code = run(opts)
+    except (OSError, RuntimeError) as e:  # e.g. a CUDA or tokenizer failure not mapped upstream
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 def generate(

@@ -21,9 +21,15 @@ def default_device(backend: str) -> str:
 
 
 def backend_options(backend: str, device: str | None = None, *, threads: int | None = None,
-                    engine: str | None = None, trt_runtime: str = "auto") -> BackendOptions:
-    """BackendOptions from the CLI-level settings every command shares."""
-    extra = {"runtime": trt_runtime} if backend == "tensorrt" else {}
+                    engine: str | None = None, trt_runtime: str = "auto",
+                    kv_slots: int | None = None) -> BackendOptions:
+    """BackendOptions from the CLI-level settings every command shares.
+
+    ``kv_slots`` (tensorrt only): how many KV caches, so generations, may be live at once.
+    """
+    extra: dict = {"runtime": trt_runtime} if backend == "tensorrt" else {}
+    if backend == "tensorrt" and kv_slots is not None:
+        extra["kv_slots"] = kv_slots
     return BackendOptions(device=device or default_device(backend), threads=threads, engine=engine,
                           extra=extra)
 

@@ -12,6 +12,7 @@ a backend is a context manager.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,7 +20,23 @@ from typing import Any, ClassVar
 import numpy as np
 
 from export.manifest import Bundle
-from serving.errors import InvalidInput, OutOfRange
+from serving.errors import BackendUnavailable, InvalidInput, OutOfRange
+
+log = logging.getLogger("serving.backends")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` -> ("cpu", 0); ``"cuda"``/``"cuda:N"`` -> ("cuda", N).
+
+    Raises:
+        BackendUnavailable: for any other device string.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise BackendUnavailable(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
 
 
 @dataclass
@@ -75,9 +92,20 @@ class Backend(ABC):
 
     # --- lifecycle -----------------------------------------------------------------------------
     def load(self) -> Backend:
-        """Create sessions/engines/devices. Idempotent; returns self."""
+        """Create sessions/engines/devices. Idempotent; returns self.
+
+        A load that fails part way frees what it had created (``_close_impl`` must tolerate a
+        half-initialised backend) before the error propagates.
+        """
         if not self._loaded:
-            self._load_impl()
+            try:
+                self._load_impl()
+            except BaseException:
+                try:
+                    self._close_impl()
+                except Exception:  # noqa: BLE001 - the load error is the one to report
+                    log.warning("cleanup after a failed %s load failed too", self.name, exc_info=True)
+                raise
             self._loaded = True
         return self
 
@@ -89,6 +117,15 @@ class Backend(ABC):
     @property
     def is_loaded(self) -> bool:
         return self._loaded
+
+    @property
+    def max_concurrent_caches(self) -> int | None:
+        """How many KV caches may be live at once (one per running generation); None = no limit.
+
+        Servers admit at most this many generations (and parity checks) at a time, so a request
+        waits for a free cache before it takes the backend, never while holding it.
+        """
+        return None
 
     def __enter__(self) -> Backend:
         return self.load()

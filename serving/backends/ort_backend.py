@@ -16,7 +16,7 @@ import numpy as np
 
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from export.deps import require
-from serving.backends.base import Backend, KVCache, StepOutput
+from serving.backends.base import Backend, KVCache, StepOutput, parse_device
 from serving.errors import BackendUnavailable
 
 CPU = "CPUExecutionProvider"
@@ -33,20 +33,6 @@ class OrtKVCache(KVCache):
     def __init__(self, batch: int, length: int, values: list[Any]):
         super().__init__(batch, length)
         self.values = values
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"`` -> ("cpu", 0); ``"cuda"``/``"cuda:N"`` -> ("cuda", N).
-
-    Raises:
-        BackendUnavailable: for any other device string.
-    """
-    kind, _, index = device.partition(":")
-    if kind == "cpu" and not index:
-        return "cpu", 0
-    if kind == "cuda" and (not index or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise BackendUnavailable(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
 
 
 def choose_providers(device: str, requested: list[str] | None, available: list[str]) -> list[Any]:

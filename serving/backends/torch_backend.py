@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from export.deps import require
-from serving.backends.base import Backend, KVCache, StepOutput
+from serving.backends.base import Backend, KVCache, StepOutput, parse_device
 from serving.errors import BackendUnavailable
 
 REFERENCE_DIR = "reference"
@@ -52,12 +52,11 @@ class TorchBackend(Backend):
         torch = require("torch")
         transformers = require("transformers")
         device = self.options.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        kind, _ = parse_device(device)
+        if kind == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(f"device {device!r} was asked for but torch {torch.__version__} "
                                      "sees no CUDA GPU (torch.cuda.is_available() is False); "
                                      "use --device cpu or a CUDA build of PyTorch on a GPU machine")
-        if device != "cpu" and not device.startswith("cuda"):
-            raise BackendUnavailable(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
         ref = self.bundle.root / REFERENCE_DIR
         if not (ref / "config.json").is_file():
             raise BackendUnavailable(f"{ref} holds no PyTorch checkpoint; re-export the bundle with "
@@ -81,7 +80,7 @@ class TorchBackend(Backend):
 
     def _close_impl(self) -> None:
         self._model = None
-        if self._device is not None and self._device.type == "cuda":
+        if self._torch is not None and self._device is not None and self._device.type == "cuda":
             self._torch.cuda.empty_cache()
 
     def _empty_cache_impl(self, batch: int) -> KVCache:

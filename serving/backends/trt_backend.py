@@ -35,10 +35,8 @@ on the runner's stream) and TensorRT's Python API docs (``set_device_memory``,
 
 from __future__ import annotations
 
-import gc
 import importlib
 import threading
-import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -56,7 +54,7 @@ from deploy.engine import (
 from deploy.presets import CONTEXT_PROFILE, GENERATION_PROFILE
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from export.deps import MissingDependencyError
-from serving.backends.base import Backend, KVCache, StepOutput
+from serving.backends.base import Backend, KVCache, StepOutput, parse_device
 from serving.errors import BackendUnavailable, InvalidInput, OutOfRange, Unavailable
 
 RUNTIMES = ("auto", "tensorrt", "tensorrt_lean")
@@ -151,6 +149,9 @@ class TensorRTBackend(Backend):
     tensorrt_lean), ``extra["lean_library"]`` (a libnvinfer_lean to load with
     ``Runtime.load_runtime`` for --exclude-lean-runtime engines), ``extra["kv_slots"]`` (how many KV
     caches may be live at once; default 2, each is 2x the max-shape KV size).
+
+    Every CUDA-touching method first makes the backend's device current: the CUDA runtime's current
+    device is per host thread, and the server calls in from its worker threads.
     """
 
     name = "tensorrt"
@@ -159,16 +160,29 @@ class TensorRTBackend(Backend):
         super().__init__(bundle, options)
         self._lock = threading.Lock()
         self.entry: EngineEntry | None = None
+        self._device_id = 0
+
+    @property
+    def max_concurrent_caches(self) -> int:
+        """One KV slot per live cache: at most ``extra["kv_slots"]`` generations at once."""
+        return int(self.options.extra.get("kv_slots", 2))
 
     # --- load -----------------------------------------------------------------------------------
     def _device_index(self) -> int:
-        kind, _, index = self.options.device.partition(":")
-        if kind != "cuda" or (index and not index.isdigit()):
+        try:
+            kind, index = parse_device(self.options.device)
+        except BackendUnavailable:
+            kind, index = "", 0
+        if kind != "cuda":
             raise BackendUnavailable(
                 f"the TensorRT backend runs on CUDA devices only; device "
                 f"{self.options.device!r} given, use 'cuda' or 'cuda:N'"
             )
-        return int(index or 0)
+        return index
+
+    def _set_device(self) -> None:
+        """Make this backend's device current on the calling thread."""
+        cuda_check(cudart().cudaSetDevice(self._device_id), "cudaSetDevice")
 
     def _candidate_entries(self) -> list[EngineEntry]:
         raw = self.bundle.manifest.engines
@@ -221,7 +235,15 @@ class TensorRTBackend(Backend):
         )
 
     def _load_impl(self) -> None:
-        device_index = self._device_index()
+        try:
+            self._load_engine()
+        except RuntimeError as e:  # a CUDA call failed (cuda_check): out of memory, bad device...
+            raise BackendUnavailable(
+                f"the TensorRT backend could not load on CUDA device {self._device_id}: {e}"
+            ) from None
+
+    def _load_engine(self) -> None:
+        device_index = self._device_id = self._device_index()
         self._candidate_entries()  # "no engine" is reported before anything is imported
         trt, module_kind = import_tensorrt(self.options.extra.get("runtime", "auto"))
         try:
@@ -241,9 +263,10 @@ class TensorRTBackend(Backend):
         self.entry, self.trt, self.device, self.module_kind = entry, trt, device, module_kind
 
         self._logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self._logger)
+        runtime = self._parent_runtime = trt.Runtime(self._logger)
         if lean_library:
             # An --exclude-lean-runtime plan: load the lean runtime library it needs (same version).
+            # The child runtime is owned by its parent: keep the parent alive until after it.
             runtime = runtime.load_runtime(str(lean_library))
             if runtime is None:
                 raise BackendUnavailable(f"Runtime.load_runtime could not load {lean_library}")
@@ -377,25 +400,23 @@ class TensorRTBackend(Backend):
                 f"({self.entry.file}, preset {self.entry.preset}); rebuild with a larger "
                 "--max-batch or split the batch"
             )
-        # Every live generation holds one slot; when all are taken, wait a while for one to free
-        # (a finished or cancelled generation drops its cache) rather than fail at once.
-        deadline = time.monotonic() + float(self.options.extra.get("kv_slot_wait_s", 30.0))
-        while True:
-            with self._lock:
-                slot = next((s for s in self._slots if s.free), None)
-                if slot is None and len(self._slots) < self._max_slots:
-                    slot = _KVSlot(len(self._slots), len(self.contract.past_names), self._kv_bytes)
-                    self._slots.append(slot)
-                if slot is not None:
-                    slot.version += 1  # whatever cache held this slot before is superseded
-                    return TrtKVCache(batch, 0, slot, id(self))
-            if time.monotonic() >= deadline:
+        # Every live cache holds one slot. Callers admit at most ``max_concurrent_caches`` users
+        # before they take the backend (ModelRuntime does), so running out here is a caller that
+        # skipped admission: fail at once, never wait (the slot owners may need the caller's lock).
+        self._set_device()
+        with self._lock:
+            slot = next((s for s in self._slots if s.free), None)
+            if slot is None and len(self._slots) < self._max_slots:
+                slot = _KVSlot(len(self._slots), len(self.contract.past_names), self._kv_bytes)
+                self._slots.append(slot)
+            if slot is None:
                 raise Unavailable(
                     f"all {self._max_slots} KV-cache slots of the TensorRT backend are in use "
-                    "(one per live generation); retry later or raise extra['kv_slots']"
+                    "(one per live generation); retry later or raise the limit "
+                    "(gpt2-deploy serve --kv-slots N, or BackendOptions.extra['kv_slots'])"
                 )
-            gc.collect()  # a dropped cache may only be waiting for the collector (cycles)
-            time.sleep(0.02)
+            slot.version += 1  # whatever cache held this slot before is superseded
+            return TrtKVCache(batch, 0, slot, id(self))
 
     def _forward(self, input_ids, attention_mask, position_ids, past, last_only) -> StepOutput:
         if not isinstance(past, TrtKVCache) or past.backend_id != id(self):
@@ -424,6 +445,7 @@ class TensorRTBackend(Backend):
             runs.append((CONTEXT_PROFILE, 0, n0))
             start = n0
         runs += [(GENERATION_PROFILE, i, 1) for i in range(start, s)]
+        self._set_device()
         with self._lock:
             if past.version != past.slot.version:
                 raise InvalidInput(
@@ -433,23 +455,29 @@ class TensorRTBackend(Backend):
             slot = past.slot
             keep_alive: list[np.ndarray] = []
             length = p
-            for k, (profile, a, n) in enumerate(runs):
-                self._run(
-                    profile,
-                    slot,
-                    input_ids[:, a : a + n],
-                    attention_mask[:, : length + n],
-                    position_ids[:, a : a + n],
-                    length,
-                    keep_alive,
-                )
-                length += n
-                last = k == len(runs) - 1
-                if not last_only:
-                    self._copy_logits(out, b, a, n, s, last_position=False)
-                elif last:
-                    self._copy_logits(out, b, 0, n, 1, last_position=True)
-            cuda_check(cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            try:
+                for k, (profile, a, n) in enumerate(runs):
+                    self._run(
+                        profile,
+                        slot,
+                        input_ids[:, a : a + n],
+                        attention_mask[:, : length + n],
+                        position_ids[:, a : a + n],
+                        length,
+                        keep_alive,
+                    )
+                    length += n
+                    last = k == len(runs) - 1
+                    if not last_only:
+                        self._copy_logits(out, b, a, n, s, last_position=False)
+                    elif last:
+                        self._copy_logits(out, b, 0, n, 1, last_position=True)
+                cuda_check(cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            except BaseException:
+                # Some runs may have flipped the ping-pong side: the slot no longer holds ``past``.
+                # Invalidate every cache of this slot so nobody continues from corrupted buffers.
+                slot.version += 1
+                raise
             slot.version += 1
             present = TrtKVCache(b, p + s, slot, id(self))
         return StepOutput(logits=out, present=present)
@@ -533,20 +561,31 @@ class TensorRTBackend(Backend):
 
     # --- close / info -------------------------------------------------------------------------------
     def _close_impl(self) -> None:
-        rt = cudart()
+        """Free everything; also called after a load that failed part way (attributes may be absent)."""
         try:
-            cuda_check(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            rt = cudart()
+            self._set_device()
+        except (MissingDependencyError, RuntimeError):
+            return  # CUDA never came up: nothing was allocated
+        stream = getattr(self, "_stream", None)
+        try:
+            if stream is not None:
+                cuda_check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         finally:
-            # TensorRT objects before the memory they use: contexts, engine, runtime.
+            # TensorRT objects before the memory they use: contexts, engine, runtime (the child
+            # lean runtime before the parent that loaded it).
             self._contexts = []
             self._engine = None
             self._runtime = None
-            for slot in self._slots:
+            self._parent_runtime = None
+            for slot in getattr(self, "_slots", []):
                 slot.release()
-            for buf in self._buffers:
+            for buf in getattr(self, "_buffers", []):
                 buf.free()
             self._slots, self._buffers = [], []
-            cuda_check(rt.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+            if stream is not None:
+                self._stream = None
+                cuda_check(rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
 
     def _info_impl(self) -> dict[str, Any]:
         if self.entry is None:

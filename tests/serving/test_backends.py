@@ -164,3 +164,25 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_failed_load_frees_what_it_created(tiny_bundle):
+    from serving.backends.ort_backend import OrtBackend
+
+    closed = []
+
+    class FailsAfterSession(OrtBackend):
+        """The real ORT load, then a failure (as a TensorRT load failing after its allocations)."""
+
+        def _load_impl(self):
+            super()._load_impl()
+            raise RuntimeError("late failure")
+
+        def _close_impl(self):
+            closed.append(self._session is not None)
+            super()._close_impl()
+
+    b = FailsAfterSession(tiny_bundle)
+    with pytest.raises(RuntimeError, match="late failure"):
+        b.load()
+    assert closed == [True] and b._session is None and not b.is_loaded

@@ -107,9 +107,46 @@ def test_tolerance_for_backend(tiny_bundle):
     assert parity.tolerance_for_backend(tiny_bundle, "onnxruntime", "cuda:0").name == "tf32"
     fp16 = Bundle(tiny_bundle.root, dataclasses.replace(tiny_bundle.manifest, precision="fp16"))
     assert parity.tolerance_for_backend(fp16, "onnxruntime", "cuda").name == "fp16"
+    # The manifest's engine list is no guess for the tensorrt backend any more: the loaded
+    # backend says which engine (and so which tolerance) it runs (served_tolerance).
     engine = Bundle(tiny_bundle.root, dataclasses.replace(tiny_bundle.manifest,
                                                           engines=[{"precision": "int8"}]))
-    assert parity.tolerance_for_backend(engine, "tensorrt", "cuda").name == "int8"
+    assert parity.tolerance_for_backend(engine, "tensorrt", "cuda").name == "tf32"
+
+
+def test_served_tolerance_comes_from_the_loaded_backend(served):
+    assert parity.served_tolerance(served).name == "fp32"  # no engine: bundle precision on cpu
+
+    class EngineLikeOrt(type(served)):
+        """The real ORT backend reporting the tolerance of what it loaded, as TensorRT does."""
+
+        def _info_impl(self):
+            return {**super()._info_impl(), "tolerance": "fp16"}
+
+    with EngineLikeOrt(served.bundle) as b:
+        assert parity.served_tolerance(b).name == "fp16"
+
+
+def test_generation_parity_stops_when_cancelled(served, reference, tokenizer):
+    from serving.errors import Cancelled
+
+    calls = []
+
+    def cancelled():
+        calls.append(1)
+        return len(calls) > 5  # a few reference steps, then the client goes away
+
+    with pytest.raises(Cancelled):
+        parity.check_generation_parity(served, reference, tokenizer, tokenizer.encode("one red"), 20,
+                                       tolerance_for("fp32"), cancelled=cancelled)
+    assert len(calls) == 6  # polled every step, stopped at the first True
+    ids = tokenizer.encode("one red")
+    seq = parity.reference_continuations(reference, tokenizer, [ids], 3)
+    n = []
+    with pytest.raises(Cancelled):  # the teacher-forced part polls too
+        parity.teacher_forced_parity(served, reference, seq, tolerance_for("fp32"), len(ids),
+                                     cancelled=lambda: n.append(1) or len(n) > 2)
+    assert len(n) == 3
 
 
 def test_shadow_parity_checks_off_the_hot_path(served, reference, tokenizer):
@@ -128,29 +165,43 @@ def test_shadow_parity_checks_off_the_hot_path(served, reference, tokenizer):
     assert results and results[0] and shadow.last_report is results[0]
 
 
-def test_shadow_token_mode_flags_tokens_the_reference_would_not_pick(reference, tokenizer):
-    prompt = tokenizer.encode("one red")
-    generated = parity.reference_continuations(reference, tokenizer, [prompt], 3)[0][len(prompt):]
-    shadow = parity.ShadowParity(reference, tolerance_for("fp32"), rate=1.0)
-    assert shadow.check(prompt, generated)
-    wrong = generated[:1] + [(generated[1] + 1) % 50257] + generated[2:]
-    report = shadow.check(prompt, wrong)
-    assert not report and report.first_diverging_step == 2
-    assert shadow.check(prompt, generated, greedy=False) is None  # sampled tokens: nothing to check
-
-
 def test_shadow_queue_is_bounded_and_sampled(reference):
     tol = Tolerance("t", 1.0, 0.0)
-    full = parity.ShadowParity(reference, tol, rate=1.0, queue_size=1)  # not started: nothing drains
+    full = parity.ShadowParity(reference, tol, rate=1.0, queue_size=1, served=reference)  # not started
     assert full.maybe_submit([1], [2]) and not full.maybe_submit([1], [2])
     assert full.counters()["dropped"] == 1 and full.counters()["submitted"] == 1
-    never = parity.ShadowParity(reference, tol, rate=0.0)
+    never = parity.ShadowParity(reference, tol, rate=0.0, served=reference)
     assert not any(never.maybe_submit([1], [2]) for _ in range(20))
-    some = parity.ShadowParity(reference, tol, rate=0.5, queue_size=1000, seed=1)
+    some = parity.ShadowParity(reference, tol, rate=0.5, queue_size=1000, seed=1, served=reference)
     n = sum(some.maybe_submit([1], [2]) for _ in range(400))
     assert 150 < n < 250
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        parity.ShadowParity(reference, tol, rate=1.5)
+        parity.ShadowParity(reference, tol, rate=1.5, served=reference)
+
+
+def test_shadow_stop_drains_and_keeps_a_busy_worker(served, reference):
+    import threading
+    from contextlib import contextmanager
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    @contextmanager
+    def blocking_guard():  # stands for the admission limit: the worker waits inside it
+        entered.set()
+        release.wait(30)
+        yield
+
+    shadow = parity.ShadowParity(reference, tolerance_for("fp32"), rate=1.0, queue_size=4, served=served,
+                                 guard=blocking_guard).start()
+    assert shadow.maybe_submit([1, 2], [3])
+    assert entered.wait(10)  # the worker is inside its first check
+    assert all(shadow.maybe_submit([1, 2], [3]) for _ in range(4))  # queue full behind it
+    assert shadow.stop(timeout=0.2) is False  # still busy: not dropped, reference must stay open
+    release.set()
+    assert shadow.stop(timeout=30) is True
+    assert shadow.join(5)  # discarded items were marked done
+    assert shadow.counters()["checked"] == 1
 
 
 def test_parity_cli_reports_and_exits_by_verdict(tiny_bundle, perturbed_bundle, tmp_path):

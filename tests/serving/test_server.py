@@ -15,7 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.backends.ort_backend import OrtBackend
 from serving.client import Gpt2DeployClient
 from serving.proto import gpt2_deploy_pb2 as pb
-from serving.server import API_SERVICE, KSERVE_SERVICE, ParityRefused, ServeOptions, build_server, free_port
+from serving.server import (
+    API_SERVICE,
+    KSERVE_SERVICE,
+    ParityRefused,
+    ServeOptions,
+    StartupCancelled,
+    build_server,
+    free_port,
+)
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):\n    return"]
 
@@ -26,6 +34,14 @@ class SlowOrtBackend(OrtBackend):
     def _forward(self, *args):
         time.sleep(0.02)
         return super()._forward(*args)
+
+
+class OneCacheSlowOrtBackend(SlowOrtBackend):
+    """The slowed real backend declaring room for one live KV cache (like a 1-slot TensorRT engine)."""
+
+    @property
+    def max_concurrent_caches(self) -> int:
+        return 1
 
 
 class NoisyOrtBackend(OrtBackend):
@@ -279,6 +295,9 @@ def test_shutdown_goes_not_serving_and_lets_streams_finish(tiny_bundle):
 
 # --- the startup canary ------------------------------------------------------------------------
 def test_canary_failure_blocks_readiness(tiny_bundle, caplog):
+    from serving.proto import grpc_service_pb2 as kpb
+    from serving.proto import grpc_service_pb2_grpc as kgrpc
+
     with build_server(_opts(tiny_bundle), backend=NoisyOrtBackend(tiny_bundle)) as running, \
             Gpt2DeployClient(running.address) as c:
         assert c.health() == "NOT_SERVING" and c.health(API_SERVICE) == "NOT_SERVING"
@@ -286,6 +305,26 @@ def test_canary_failure_blocks_readiness(tiny_bundle, caplog):
         assert running.metrics.value("gpt2_deploy_parity_checks_total",
                                      {"kind": "canary", "result": "fail"}) == 1
         assert c.model_info().canary == "failed"
+        # Inference is refused with the canary's numbers; --parity off is the way to serve anyway.
+        with pytest.raises(grpc.RpcError) as info:
+            c.generate("Hello", max_new_tokens=2).result()
+        details = info.value.details()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert "max|Δlogits|" in details and "top-1" in details and "first divergence" in details
+        assert "--parity off" in details
+        with pytest.raises(grpc.RpcError) as info:
+            c.score("Hello world", top_k=2)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        ids = np.asarray([[1, 2]], dtype=np.int64)
+        with grpc.insecure_channel(running.address) as ch, pytest.raises(grpc.RpcError) as info:
+            kgrpc.GRPCInferenceServiceStub(ch).ModelInfer(kpb.ModelInferRequest(
+                model_name="tiny", raw_input_contents=[ids.tobytes()],
+                inputs=[kpb.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64",
+                                                                shape=[1, 2])]))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # CheckParity still works (how the failure is investigated) and reports the divergence.
+        report = c.check_parity("Hello", max_new_tokens=2)
+        assert not report.passed and report.first_diverging_step == 0
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "startup canary FAILED" in logged and "max|Δlogits|" in logged
     assert "first divergence" in logged and "top-1" in logged
@@ -316,3 +355,106 @@ def test_shadow_parity_rechecks_live_requests(tiny_bundle):
         assert m.value("gpt2_deploy_parity_checks_total", {"kind": "shadow", "result": "pass"}) == 2
         assert m.value("gpt2_deploy_shadow_dropped_total") == 0
         assert running.runtime.canary == "off" and c.health() == "SERVING"
+
+
+# --- admission, queueing, shutdown races ------------------------------------------------------
+def test_admission_limit_refuses_without_stalling_running_streams(tiny_bundle):
+    """A backend with room for one KV cache: a second generation waits outside the backend lock,
+    then gets UNAVAILABLE; the first keeps stepping to its end meanwhile."""
+    with build_server(_opts(tiny_bundle, parity="off", admission_timeout_s=0.5),
+                      backend=OneCacheSlowOrtBackend(tiny_bundle)) as running, \
+            Gpt2DeployClient(running.address, timeout=60) as c:
+        first = c.generate("Hello", max_new_tokens=60, ignore_eos=True)  # ~1.2 s of 20 ms steps
+        it = iter(first)
+        next(it)  # admitted and running
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            c.generate("Hi", max_new_tokens=2).result()
+        waited = time.monotonic() - t0
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "at most 1 KV cache" in info.value.details() and "--kv-slots" in info.value.details()
+        assert 0.4 < waited < 5
+        for _ in it:
+            pass
+        assert first.finish_reason == "length" and len(first.token_ids) == 60  # never stalled
+        # The place is free again: the next request runs.
+        assert len(c.generate("Hi", max_new_tokens=2, ignore_eos=True).result().token_ids) == 2
+
+
+def test_time_to_first_token_includes_queueing(tiny_bundle):
+    with build_server(_opts(tiny_bundle, parity="off")) as running, \
+            Gpt2DeployClient(running.address, timeout=60) as c:
+        holder = threading.Thread(target=lambda: (running.runtime._lock.acquire(), time.sleep(0.4),
+                                                  running.runtime._lock.release()))
+        holder.start()
+        time.sleep(0.05)  # the backend is busy when the request arrives
+        f = c.generate("Hello", max_new_tokens=2).result()
+        holder.join()
+        assert f.finish.time_to_first_token_s >= 0.3
+
+
+def test_close_leaves_a_busy_backend_open_and_refuses_queued_work(tiny_bundle):
+    from export.compare import tolerance_for
+    from serving.errors import Unavailable
+    from serving.generation import GenerationRequest
+    from serving.metrics import ServerMetrics
+    from serving.runtime import ModelRuntime
+
+    rt = ModelRuntime(tiny_bundle, OrtBackend(tiny_bundle), metrics=ServerMetrics(),
+                      tolerance=tolerance_for("fp32"), close_timeout_s=0.2)
+    rt.load()
+    rt.state = "serving"
+    events = rt.generate(GenerationRequest(rt.encode("Hello"), max_new_tokens=4))
+    rt._lock.acquire()  # a forward step that does not finish
+    closer = threading.Thread(target=rt.close)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive() and rt.backend.is_loaded  # skipped, not closed under the step
+    rt._lock.release()
+    with pytest.raises(Unavailable, match="shutting down"):  # queued behind the lock: not INTERNAL
+        next(events)
+    with pytest.raises(Unavailable):
+        rt.generate(GenerationRequest([1], 1))
+    rt.backend.close()
+
+
+def test_runtime_check_parity_honours_cancellation(server):
+    from serving.errors import Cancelled
+
+    ids = server.runtime.tokenizer.encode("Hello")
+    with pytest.raises(Cancelled):
+        server.runtime.check_parity(ids, 4, cancelled=lambda: True)
+    assert not server.runtime._lock.locked()
+
+
+def test_stop_during_startup_abandons_it(tiny_bundle):
+    stop = threading.Event()
+    stop.set()
+    port = free_port()
+    with pytest.raises(StartupCancelled):
+        build_server(ServeOptions(bundle=tiny_bundle.root, port=port, parity="off"), stop=stop)
+    with build_server(ServeOptions(bundle=tiny_bundle.root, port=port, parity="off", threads=1)):
+        pass  # the abandoned server released its port
+
+
+def test_option_limits(tiny_bundle):
+    with pytest.raises(ValueError, match=r"max_message_mb must be in \[2, 2047\]"):
+        build_server(_opts(tiny_bundle, max_message_mb=1))
+    with pytest.raises(ValueError, match="max_new_tokens_limit must be >= 1"):
+        build_server(_opts(tiny_bundle, max_new_tokens_limit=0))
+
+
+def test_serve_cli_rejects_a_bad_log_level(tiny_bundle):
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tiny_bundle.root), "--log-level", "foo"])
+    assert result.exit_code == 2 and "DEBUG, INFO, WARNING, ERROR" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_uint64_seeds_are_accepted(client):
+    a = client.generate("Hi", max_new_tokens=3, temperature=0.9, seed=2**64 - 1, ignore_eos=True).result()
+    b = client.generate("Hi", max_new_tokens=3, temperature=0.9, seed=2**64 - 1, ignore_eos=True).result()
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 3

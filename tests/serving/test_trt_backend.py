@@ -53,6 +53,13 @@ def test_registered_and_cheap_to_construct(tiny_bundle):
     assert isinstance(be, TensorRTBackend) and not be.is_loaded  # no TensorRT, no CUDA touched yet
 
 
+def test_capacity_is_the_kv_slots(tiny_bundle):
+    """The server admits at most this many generations (ModelRuntime's admission limit)."""
+    assert TensorRTBackend(tiny_bundle, BackendOptions(device="cuda")).max_concurrent_caches == 2
+    opts = BackendOptions(device="cuda", extra={"kv_slots": 5})
+    assert TensorRTBackend(tiny_bundle, opts).max_concurrent_caches == 5
+
+
 def test_refuses_a_cpu_device(tiny_bundle):
     with pytest.raises(BackendUnavailable, match="CUDA devices only; device 'cpu' given"):
         create_backend("tensorrt", tiny_bundle).load()
