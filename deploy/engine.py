@@ -9,8 +9,14 @@ The rules follow TensorRT's "Engine Compatibility" documentation (TensorRT 10/11
 - a plain engine runs only on the TensorRT version that built it (major.minor.patch) and on a GPU
   of the compute capability it was built on;
 - a version-compatible engine (``BuilderFlag.VERSION_COMPATIBLE``) runs on the building version
-  and later ones (and on the lean runtime); with ``EXCLUDE_LEAN_RUNTIME`` the plan carries no
-  lean runtime, so the runtime that loads it must be the lean runtime of the *same* version;
+  and later ones (and on the lean runtime); a runtime older than the builder (major.minor.patch)
+  is refused;
+- with ``EXCLUDE_LEAN_RUNTIME`` the plan carries no lean runtime: a runtime of the *same*
+  major.minor.patch (full or lean) loads it directly; any other version needs the builder's lean
+  runtime library loaded with ``Runtime.load_runtime`` (``RuntimeInfo.lean_library``). That
+  library's version is read from its file name where it has one (``libnvinfer_lean.so.10.13.3``:
+  major.minor.patch must match; ``libnvinfer_lean.so.10``: only the major can be checked, and a
+  note says so); a name without a version is accepted with a note;
 - ``HardwareCompatibilityLevel.AMPERE_PLUS`` lifts the compute-capability match to "any GPU of
   compute capability >= 8.0"; ``SAME_COMPUTE_CAPABILITY`` allows other GPUs of the same one.
 
@@ -43,6 +49,15 @@ def parse_version(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def lean_library_version(path: str) -> tuple[int, ...]:
+    """The version in a lean runtime library's file name: ``libnvinfer_lean.so.10.13.3`` ->
+    (10, 13, 3), ``libnvinfer_lean.so.10`` -> (10,), ``nvinfer_lean_10.dll`` -> (10,), no
+    version -> ()."""
+    name = re.split(r"[\\/]", str(path))[-1]
+    m = re.search(r"\.so\.(\d+(?:\.\d+)*)$", name) or re.search(r"_(\d+)\.dll$", name, re.IGNORECASE)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else ()
+
+
 def parse_compute_capability(cc: str | tuple[int, int]) -> tuple[int, int]:
     if isinstance(cc, tuple):
         return int(cc[0]), int(cc[1])
@@ -72,7 +87,9 @@ class EngineEntry:
         built_at: UTC timestamp (ISO 8601).
         onnx_file: Bundle-relative ONNX path it was built from.
         onnx_sha256: That file's sha256 (the engine is stale if the bundle's graph changes).
-        fp32_layers: How many layers were pinned to fp32 (normalization/softmax/logits).
+        fp32_layers: TensorRT 10 reduced precision: layers pinned to fp32 per rule (by type:
+            normalization, softmax; by ONNX node name: ops, residual_adds, lm_head; the walk back
+            from the logits: logits) and ``unmatched_onnx_names``.
         notes: Anything the build wants the reader to know (warnings).
     """
 
@@ -153,7 +170,8 @@ class RuntimeInfo:
         tensorrt_version: That module's ``__version__``.
         compute_capability: The GPU's "major.minor".
         gpu_name: The GPU's name.
-        lean_library: A lean runtime library loaded with ``Runtime.load_runtime`` (or None).
+        lean_library: A lean runtime library loaded with ``Runtime.load_runtime`` (or None); its
+            version is taken from the file name when it carries one (see ``lean_library_version``).
     """
 
     module: str
@@ -203,14 +221,29 @@ def check_compatibility(entry: EngineEntry, rt: RuntimeInfo) -> Compatibility:
             )
     elif entry.exclude_lean_runtime:
         same = built[:3] == running[:3]
+        need = (
+            f"the engine was built with {built_s} as version-compatible without an embedded lean "
+            f"runtime (--exclude-lean-runtime); it needs the lean runtime of exactly that version"
+        )
         if not same and not rt.lean_library:
             out.problems.append(
-                f"the engine was built with {built_s} as version-compatible without an embedded lean "
-                f"runtime (--exclude-lean-runtime); it needs the lean runtime of exactly that version, "
-                f"and this runtime is {run_s}: install tensorrt-lean=={entry.tensorrt_version} or pass "
-                "the matching libnvinfer_lean library"
+                f"{need}, and this runtime is {run_s}: install tensorrt-lean=={entry.tensorrt_version} or "
+                "pass the matching libnvinfer_lean library"
             )
-    elif running[:2] < built[:2]:
+        elif not same:
+            lib = lean_library_version(rt.lean_library or "")
+            n = min(len(lib), 3)
+            if lib and lib[:n] != built[:n]:
+                out.problems.append(
+                    f"{need}, and the lean library {rt.lean_library} is version "
+                    f"{'.'.join(map(str, lib))}: pass libnvinfer_lean of {entry.tensorrt_version}"
+                )
+            elif n < 3:
+                out.notes.append(
+                    f"the lean library {rt.lean_library} does not name its full version; it must be "
+                    f"the one of {built_s} (checked: {'major ' + str(lib[0]) if lib else 'nothing'})"
+                )
+    elif running[:3] < built[:3]:
         out.problems.append(
             f"the engine was built with {built_s}, newer than this runtime ({run_s}); a "
             "version-compatible engine runs on its own and later TensorRT versions only"
@@ -315,6 +348,18 @@ def cuda_device_info(index: int = 0) -> DeviceInfo:
     return DeviceInfo(
         index, name, f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem), bool(prop.integrated)
     )
+
+
+def set_cuda_device(index: int) -> None:
+    """Make CUDA device ``index`` current for this thread (``cudaSetDevice``), so that a TensorRT
+    builder or runtime created afterwards works on it.
+
+    Raises:
+        MissingDependencyError: cuda-python is not installed.
+        RuntimeError: the device does not exist or cannot be used (the CUDA error is in the message).
+    """
+    rt = cudart()
+    cuda_check(rt.cudaSetDevice(index), f"cudaSetDevice({index})")
 
 
 def tensorrt_unavailable_reason(module: str = "tensorrt") -> str | None:

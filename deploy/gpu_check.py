@@ -69,6 +69,18 @@ def _version(module: str) -> str | None:
     return str(getattr(mod, "__version__", "?"))
 
 
+def _dist_version(*dists: str) -> str | None:
+    """An installed distribution's version from its metadata (nothing imported)."""
+    from importlib import metadata
+
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def detect_environment() -> dict[str, Any]:
     """Versions and the GPU, without failing on anything missing."""
     env: dict[str, Any] = {
@@ -78,6 +90,7 @@ def detect_environment() -> dict[str, Any]:
         "onnxruntime": _version("onnxruntime"),
         "tensorrt": _version("tensorrt"),
         "tensorrt_lean": _version("tensorrt_lean"),
+        "cuda_python": _dist_version("cuda-python", "cuda-bindings"),
         "gpu": None,
         "compute_capability": None,
         "torch_cuda": False,
@@ -135,17 +148,19 @@ def parity_row(
         rng.integers(0, bundle.dims.vocab_size, size=min(8 + new_tokens, n)).tolist() for _ in range(prompts)
     ]
     ref = reference_backend(bundle, ref_device)
-    served = create_backend(served_name, bundle, BackendOptions(device=served_device)).load()
     try:
-        # The CPU fp32 ONNX graph is held to the GPU/fp32 bound when the reference runs on CUDA.
-        tol = tolerance_for_backend(
-            bundle, served_name, ref_device if served_device == "cpu" else served_device
-        )
-        report = teacher_forced_parity(
-            served, ref, seqs, tol, 8, title=f"{served_name}[{served_device}] vs torch[{ref_device}]"
-        )
+        served = create_backend(served_name, bundle, BackendOptions(device=served_device)).load()
+        try:
+            # The CPU fp32 ONNX graph is held to the GPU/fp32 bound when the reference runs on CUDA.
+            tol = tolerance_for_backend(
+                bundle, served_name, ref_device if served_device == "cpu" else served_device
+            )
+            report = teacher_forced_parity(
+                served, ref, seqs, tol, 8, title=f"{served_name}[{served_device}] vs torch[{ref_device}]"
+            )
+        finally:
+            served.close()
     finally:
-        served.close()
         ref.close()
     print(report, flush=True)
     detail = (
@@ -208,15 +223,45 @@ def run_checks(
     cc = f" (sm {env['compute_capability']})" if gpu else ""
     env_line = (
         f"GPU: {gpu or 'no GPU'}{cc}; torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
-        f"tensorrt {env['tensorrt'] or '-'}"
+        f"tensorrt {env['tensorrt'] or '-'}, cuda-python {env['cuda_python'] or '-'}"
     )
     _timed(report, "environment", lambda: (PASS, env_line, {}))
     tmp = tempfile.TemporaryDirectory(prefix="gpu-check-")
+    try:
+        _run_steps(report, env, tmp.name, models, bundle, budget, run_trt_tests, start)
+    finally:
+        tmp.cleanup()
+
+    print("\n" + report.table(), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    print(f"\nwritten: {out / 'gpu_check.json'}", flush=True)
+    return report
+
+
+def _run_steps(
+    report: CheckReport,
+    env: dict[str, Any],
+    tmp: str,
+    models: list[str],
+    bundle: Path | None,
+    budget: float,
+    run_trt_tests: bool,
+    start: float,
+) -> None:
+    """The export, parity and trt-test rows (``run_checks`` owns the temporary directory)."""
+    gpu = env["gpu"]
     bundles: list[tuple[str, Any]] = []
     from export.manifest import Bundle
 
     if bundle is not None:
-        bundles.append((Path(bundle).name, Bundle.open(bundle)))
+
+        def open_bundle(path: Path = Path(bundle)) -> tuple[str, str, dict]:
+            b = Bundle.open(path)  # a BundleError (or a missing directory) is this row's FAIL
+            bundles.append((path.name, b))
+            return PASS, f"{b.name}, {b.manifest.precision} -> {b.root}", {}
+
+        _timed(report, f"open bundle {Path(bundle).name}", open_bundle)
     for model in models:
         if time.perf_counter() - start > budget * 0.5:
             report.rows.append(Row(f"export {model}", SKIP, "time budget spent"))
@@ -225,7 +270,7 @@ def run_checks(
         def export(model: str = model) -> tuple[str, str, dict]:
             from export.api import ExportOptions, export_bundle
 
-            b = export_bundle(ExportOptions(model=model, out=Path(tmp.name) / model, quiet=True))
+            b = export_bundle(ExportOptions(model=model, out=Path(tmp) / model, quiet=True))
             bundles.append((model, b))
             return PASS, f"{b.dims.n_layer} layers, {b.dims.n_embd} dims -> {b.root}", {}
 
@@ -258,13 +303,6 @@ def run_checks(
         left = max(30.0, budget - (time.perf_counter() - start))
         repo = Path(__file__).resolve().parents[1]
         _timed(report, "trt tests (pytest -m trt)", lambda: trt_tests_row(repo, left))
-    tmp.cleanup()
-
-    print("\n" + report.table(), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
-    print(f"\nwritten: {out / 'gpu_check.json'}", flush=True)
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

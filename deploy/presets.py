@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from export.contract import BATCH, PAST, SEQ, TOTAL, IOContract
+from export.errors import OptionsError
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -46,7 +47,8 @@ class EdgePreset:
         opt_prompt: Prompt length the prefill kernels are tuned for.
         workspace: Builder memory-pool (workspace) limit in bytes: scratch memory for tactics.
         precision: Default engine precision.
-        why: Where the numbers come from (shown by ``gpt2-deploy build --help`` and the docs).
+        why: Where the numbers come from (shown in ``gpt2-deploy build --help``'s --preset help and
+            in the ``--print-trtexec`` header).
     """
 
     name: str
@@ -124,11 +126,16 @@ PRESETS: dict[str, EdgePreset] = {
 }
 
 
+def preset_help() -> str:
+    """One line per preset for ``build --help``: name, target, default precision and ``why``."""
+    return "; ".join(f"{p.name}: {p.description}, {p.precision} ({p.why})" for p in PRESETS.values())
+
+
 def get_preset(name: str) -> EdgePreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}") from None
+        raise OptionsError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}") from None
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,7 @@ class ProfileLimits:
         """Clip the preset (or the overrides) to the model's context; check consistency.
 
         Raises:
-            ValueError: listing every inconsistent limit.
+            OptionsError: listing every inconsistent limit.
         """
         b = max_batch if max_batch is not None else preset.max_batch
         ctx = min(max_context if max_context is not None else preset.max_context, n_positions)
@@ -201,7 +208,7 @@ class ProfileLimits:
         if prompt < 1:
             problems.append(f"max prompt must be >= 1, got {prompt}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise OptionsError("; ".join(problems))
         return cls(b, ctx, prompt, min(preset.opt_batch, b), min(preset.opt_prompt, prompt))
 
 

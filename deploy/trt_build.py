@@ -7,16 +7,19 @@ Steps (TensorRT 10/11 Python API; each step's model is named where it is not obv
 1. parse the ONNX with ``OnnxParser.parse_from_file`` (so external data is found beside the graph,
    as Polygraphy's ``NetworkFromOnnxPath`` does) and report every parser error with its node;
 2. two optimization profiles from the preset (``deploy.presets.compute_profiles``);
-3. precision: fp32 (TF32 off unless asked), fp16 or bf16 with LayerNorm, Softmax and the logits
-   kept in fp32 -- on TensorRT 10 through layer precision constraints (``layer.precision``,
-   ``set_output_type`` and ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``); TensorRT 11 removed weak
-   typing (every network is strongly typed, the FP16/BF16 builder flags are gone), so there the
-   graph itself is converted to mixed precision before parsing, with the same ops kept in fp32;
+3. precision: fp32 (TF32 off unless asked), fp16 or bf16 with LayerNorm, Softmax, the residual
+   Adds and the logits kept in fp32 (the nodes named by ``export.variants.fp32_node_names``) --
+   on TensorRT 10 through layer precision constraints (``layer.precision``, ``set_output_type``
+   and ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``); TensorRT 11 removed weak typing (every
+   network is strongly typed, the FP16/BF16 builder flags are gone), so there the graph itself
+   is converted to mixed precision before parsing (``export.variants``' fp16 variant, the same
+   conversion ``export --precision fp16`` does), with the same nodes kept in fp32;
 4. workspace limit (``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``), builder optimization
    level, version compatibility / lean-runtime exclusion, hardware compatibility level;
 5. a timing cache loaded from and saved beside the engine (Polygraphy's ``CreateConfig`` /
    ``EngineBytesFromNetwork``: ``create_timing_cache`` + ``set_timing_cache``, then
-   ``get_timing_cache().combine(previous, ignore_mismatch=True)`` and ``serialize()``);
+   ``get_timing_cache().combine(previous, ignore_mismatch=False)`` and ``serialize()``; a cache
+   that did not match this device/version is overwritten, not merged back);
 6. a progress bar fed by ``IProgressMonitor`` (NVIDIA's ``simple_progress_monitor`` sample);
 7. ``build_serialized_network``; the plan and cache go to ``BUNDLE/engines/``, and an
    ``EngineEntry`` to ``Manifest.engines`` and ``Manifest.files``.
@@ -26,6 +29,7 @@ Steps (TensorRT 10/11 Python API; each step's model is named where it is not obv
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -36,7 +40,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from deploy.engine import ENGINES_DIR, HARDWARE_COMPAT_LEVELS, EngineEntry, cuda_device_info, upsert_engine
+from deploy.engine import (
+    ENGINES_DIR,
+    HARDWARE_COMPAT_LEVELS,
+    EngineEntry,
+    cuda_device_info,
+    set_cuda_device,
+    upsert_engine,
+)
 from deploy.presets import (
     PRECISIONS,
     EdgePreset,
@@ -49,9 +60,13 @@ from deploy.presets import (
 from deploy.trtexec import trtexec_command
 from export.contract import LOGITS
 from export.deps import require
+from export.errors import OptionsError
 from export.manifest import Bundle
 
 MAX_OPT_LEVEL = 5  # TensorRT 10/11: builder optimization levels 0..5, default 3
+# Bundle graphs TensorRT's ONNX parser takes: ort-fused uses com.microsoft contrib ops and int8
+# MatMulInteger/DynamicQuantizeLinear, which it does not.
+BUILDABLE_BUNDLE_PRECISIONS = ("fp32", "fp16")
 
 
 class BuildError(RuntimeError):
@@ -67,7 +82,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.match(str(text))
     if not m:
-        raise ValueError(f"not a size: {text!r}; use bytes or a number with K, M, G or T (e.g. 2G, 512M)")
+        raise OptionsError(f"not a size: {text!r}; use bytes or a number with K, M, G or T (e.g. 2G, 512M)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
 
@@ -91,7 +106,7 @@ class BuildOptions:
         max_batch, max_context, max_prompt: Override the preset's limits.
         name: Engine file stem; defaults to ``<preset>-<precision>[-vc]``.
         progress: Show TensorRT's build progress.
-        device: CUDA device index to build on.
+        device: CUDA device index to build on (selected with cudaSetDevice before the builder).
     """
 
     preset: str = "server"
@@ -111,7 +126,7 @@ class BuildOptions:
     device: int = 0
 
     def check(self) -> None:
-        """Raise ValueError listing every invalid option (names -> values, all at once)."""
+        """Raise OptionsError listing every invalid option (names -> values, all at once)."""
         problems = []
         try:
             get_preset(self.preset)
@@ -133,10 +148,12 @@ class BuildOptions:
             problems.append(
                 f"hardware compat {self.hardware_compat!r} is not one of {', '.join(HARDWARE_COMPAT_LEVELS)}"
             )
+        if self.device < 0:
+            problems.append(f"device must be a CUDA device index >= 0, got {self.device}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             problems.append(f"engine name {self.name!r} may hold only letters, digits, '.', '_' and '-'")
         if problems:
-            raise ValueError("invalid build options:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise OptionsError("invalid build options:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass
@@ -153,6 +170,10 @@ class BuildPlan:
     engine_rel: str
     timing_cache: Path
     notes: list[str] = field(default_factory=list)
+    engine_precision: str = ""  # what the engine computes in; set from ``precision`` if empty
+
+    def __post_init__(self) -> None:
+        self.engine_precision = self.engine_precision or self.precision
 
     @property
     def engine_path(self) -> Path:
@@ -166,12 +187,19 @@ class BuildPlan:
         except ValueError:
             return None
 
-    def trtexec(self, *, fp32_layers: list[str] | None = None, strongly_typed: bool = False) -> list[str]:
+    def trtexec(
+        self,
+        *,
+        fp32_layers: list[str] | None = None,
+        strongly_typed: bool = False,
+        onnx_path: Path | None = None,
+    ) -> list[str]:
+        """The trtexec argv for this build (TensorRT 10 flags unless ``strongly_typed``)."""
         o = self.options
-        if fp32_layers is None and self.precision != "fp32":
+        if fp32_layers is None and self.precision != "fp32" and not strongly_typed:
             fp32_layers = onnx_fp32_node_names(self.bundle.onnx_path)
         return trtexec_command(
-            self.bundle.onnx_path,
+            onnx_path or self.bundle.onnx_path,
             self.engine_path,
             self.profiles,
             precision=self.precision,
@@ -187,9 +215,54 @@ class BuildPlan:
         )
 
 
+    def trtexec_steps(self, trt_major: int = 10) -> list[list[str]]:
+        """The commands equivalent to this build with TensorRT ``trt_major``'s trtexec, in order.
+
+        TensorRT 10: one trtexec line (precision flags and fp32 layer constraints). TensorRT 11
+        (strongly typed, no precision flags): for fp16 from an fp32 bundle, first the command that
+        writes the mixed-precision ONNX (``export.variants``' fp16 variant, what ``build`` does),
+        then trtexec with ``--stronglyTyped`` on that graph.
+
+        Raises:
+            OptionsError: ``trt_major`` is not 10 or 11, or bf16 for TensorRT 11 (needs a converter
+                this project does not ship).
+        """
+        if trt_major not in (10, 11):
+            raise OptionsError(f"--trt-major must be 10 or 11, got {trt_major}")
+        if trt_major == 10:
+            return [self.trtexec()]
+        if self.precision == "fp32" or self.bundle.manifest.precision != "fp32":
+            return [self.trtexec(strongly_typed=True)]
+        if self.precision != "fp16":
+            raise OptionsError(
+                f"{self.precision} with TensorRT 11 needs a graph that carries {self.precision} types "
+                "(its trtexec has no --bf16); convert it with NVIDIA ModelOpt AutoCast or build fp16/fp32"
+            )
+        converted = self.engine_path.with_suffix(".fp16.onnx")
+        # double-quoted literals (JSON strings are Python literals): the shell quotes stay readable
+        code = (
+            "from export.variants import make_variant; "
+            f'make_variant({json.dumps(str(self.bundle.onnx_path))}, {json.dumps(str(converted))}, "fp16")'
+        )
+        return [["python", "-c", code], self.trtexec(strongly_typed=True, onnx_path=converted)]
+
+
 def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
-    """Resolve options against the preset and the model; compute the profiles. No TensorRT needed."""
+    """Resolve options against the preset and the model; compute the profiles. No TensorRT needed.
+
+    Raises:
+        OptionsError: invalid options, or a bundle whose graph TensorRT cannot parse.
+    """
     options.check()
+    bundle_precision = bundle.manifest.precision
+    if bundle_precision not in BUILDABLE_BUNDLE_PRECISIONS:
+        raise OptionsError(
+            f"the bundle's graph is {bundle_precision}; TensorRT builds from "
+            f"{' or '.join(BUILDABLE_BUNDLE_PRECISIONS)} bundles only (ort-fused uses ONNX Runtime's "
+            "com.microsoft contrib ops and int8 MatMulInteger/DynamicQuantizeLinear, which TensorRT's "
+            "ONNX parser does not take); export an fp32 bundle (`gpt2-deploy export --precision fp32`) "
+            "and choose the engine's precision with `build --precision`"
+        )
     preset = get_preset(options.preset)
     precision = options.precision or preset.precision
     limits = ProfileLimits.resolve(
@@ -204,8 +277,20 @@ def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
     engine_rel = f"{ENGINES_DIR}/{name}.engine"
     cache = options.timing_cache or bundle.root / ENGINES_DIR / f"{name}.timing.cache"
     notes = []
-    if bundle.manifest.precision not in ("fp32", precision):
-        notes.append(f"the bundle's graph is {bundle.manifest.precision}; building {precision} from it")
+    if options.max_context is not None and options.max_context > limits.max_context:
+        notes.append(f"--max-context {options.max_context} is more than the model's "
+                     f"{bundle.dims.n_positions} positions: clipped to {limits.max_context}")
+    if options.max_prompt is not None and options.max_prompt > limits.max_prompt:
+        notes.append(f"--max-prompt {options.max_prompt} is more than the max context: clipped to "
+                     f"{limits.max_prompt}")
+    engine_precision = precision
+    if bundle_precision == "fp16" and precision == "fp32":
+        engine_precision = "fp16"
+        notes.append("the bundle's graph is fp16 (its weights and matmuls carry fp16 types), so this fp32 "
+                     "build computes in fp16 and is recorded as fp16; export an fp32 bundle for an fp32 "
+                     "engine")
+    elif bundle_precision not in ("fp32", precision):
+        notes.append(f"the bundle's graph is {bundle_precision}; building {precision} from it")
     return BuildPlan(
         bundle,
         options,
@@ -217,45 +302,35 @@ def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
         engine_rel,
         Path(cache),
         notes,
+        engine_precision,
     )
 
 
 # --- ONNX helpers (onnx only; no TensorRT) ----------------------------------------------------------
-FP32_OPS = ("LayerNormalization", "Softmax")
+def onnx_fp32_names(onnx_path: Path) -> dict[str, list[str]]:
+    """``export.variants.fp32_node_names`` of the graph at ``onnx_path`` (weights not loaded)."""
+    onnx = require("onnx")
+    from export.variants import fp32_node_names
 
-
-def _logits_path_nodes(graph: Any) -> list[str]:
-    """ONNX nodes from the logits output back to (and including) the lm_head MatMul/Gemm."""
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {i.name for i in graph.initializer}
-    names, tensor = [], LOGITS
-    for _ in range(8):  # lm_head is at most a few nodes (MatMul [+ Reshape/Transpose]) from the output
-        node = producer.get(tensor)
-        if node is None:
-            break
-        names.append(node.name)
-        if node.op_type in ("MatMul", "Gemm"):
-            break
-        tensor = next((i for i in node.input if i and i not in inits and i in producer), None)
-        if tensor is None:
-            break
-    return names
+    return fp32_node_names(onnx.load(str(onnx_path), load_external_data=False).graph)
 
 
 def onnx_fp32_node_names(onnx_path: Path) -> list[str]:
-    """Names of the ONNX nodes kept in fp32 for reduced precision (TensorRT's ONNX parser names the
-    layers it creates after these nodes, which is what trtexec's --layerPrecisions matches)."""
-    onnx = require("onnx")
-    m = onnx.load(str(onnx_path), load_external_data=False)
-    names = [n.name for n in m.graph.node if n.op_type in FP32_OPS and n.name]
-    return names + [n for n in _logits_path_nodes(m.graph) if n and n not in names]
+    """Names of the ONNX nodes kept in fp32 for reduced precision, LayerNorm/Softmax first, the
+    lm_head last (TensorRT's ONNX parser names the layers it creates after these nodes, which is
+    what trtexec's --layerPrecisions matches)."""
+    groups = onnx_fp32_names(onnx_path)
+    names = [*groups["ops"], *groups["residual_adds"], *reversed(groups["lm_head"])]
+    return list(dict.fromkeys(names))
 
 
 def convert_onnx_mixed_precision(src: Path, dst: Path, precision: str) -> Path:
-    """Write an fp16 copy of ``src`` with fp32 I/O, LayerNorm, Softmax and the logits path in fp32.
+    """Write the fp16 variant of ``src`` to ``dst`` (``export.variants.make_variant``: fp32 I/O,
+    LayerNorm, Softmax, residual Adds and the lm_head path in fp32), for TensorRT 11's strongly
+    typed networks, where the types must be in the graph.
 
-    For TensorRT 11, which builds only strongly typed networks: the types must be in the graph.
-    Uses onnxruntime's pure-Python float16 converter (``keep_io_types`` keeps the I/O contract).
+    Raises:
+        BuildError: ``precision`` is not fp16 (bf16 needs another converter).
     """
     if precision != "fp16":
         raise BuildError(
@@ -263,15 +338,9 @@ def convert_onnx_mixed_precision(src: Path, dst: Path, precision: str) -> Path:
             "the BF16/FP16 builder flags); convert it with NVIDIA ModelOpt AutoCast "
             "(python -m modelopt.onnx.autocast --low_precision_type bf16 ...) or build fp16/fp32"
         )
-    onnx = require("onnx")
-    float16 = require("onnxruntime.transformers.float16")
-    model = onnx.load(str(src))  # with external data
-    block_ops = list(getattr(float16, "DEFAULT_OP_BLOCK_LIST", [])) + list(FP32_OPS)
-    model = float16.convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=block_ops, node_block_list=_logits_path_nodes(model.graph)
-    )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    from export.variants import make_variant
+
+    make_variant(src, dst, "fp16")
     return dst
 
 
@@ -334,12 +403,18 @@ def _parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path, flags: int
     return network, parser
 
 
-def _pin_fp32_layers(trt: Any, network: Any) -> dict[str, int]:
-    """Keep normalization, softmax and the logits path in fp32 in a weakly typed (TensorRT 10) network.
+def _pin_fp32_layers(trt: Any, network: Any, onnx_names: dict[str, list[str]]) -> dict[str, int]:
+    """Keep normalization, softmax, the residual Adds and the logits path in fp32 in a weakly typed
+    (TensorRT 10) network.
 
+    Two rules: by layer type (NORMALIZATION, SOFTMAX), and by name: TensorRT's ONNX parser names
+    each layer after the ONNX node it comes from, so the layers named like ``onnx_names``
+    (``export.variants.fp32_node_names``: LayerNorm/Softmax, residual Adds, lm_head path) are
+    pinned too; then the layers from the ``logits`` output back to the lm_head matmul.
     ``layer.precision`` sets the compute type and ``set_output_type`` the output types; both take
     effect only under ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS`` (Polygraphy's CreateConfig warns
-    when precisions are set without it).
+    when precisions are set without it). Returns counts per rule, and how many ONNX names matched
+    no layer (``unmatched_onnx_names``).
     """
     float_types = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
 
@@ -349,18 +424,24 @@ def _pin_fp32_layers(trt: Any, network: Any) -> dict[str, int]:
             if layer.get_output(j).dtype in float_types:
                 layer.set_output_type(j, trt.float32)
 
-    counts = {"normalization": 0, "softmax": 0, "logits": 0}
+    group_of = {name: group for group, names in onnx_names.items() for name in names}
+    counts = {"normalization": 0, "softmax": 0, "logits": 0, **{g: 0 for g in onnx_names}}
+    matched: set[str] = set()
     producer: dict[str, Any] = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         for j in range(layer.num_outputs):
             producer[layer.get_output(j).name] = layer
         if layer.type == trt.LayerType.NORMALIZATION:
-            pin(layer)
             counts["normalization"] += 1
         elif layer.type == trt.LayerType.SOFTMAX:
-            pin(layer)
             counts["softmax"] += 1
+        if layer.name in group_of:
+            counts[group_of[layer.name]] += 1
+            matched.add(layer.name)
+        if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX) or layer.name in group_of:
+            pin(layer)
+    counts["unmatched_onnx_names"] = len(set(group_of) - matched)
     tensor = LOGITS
     for _ in range(8):  # walk back from the logits output to the lm_head matmul
         layer = producer.get(tensor)
@@ -408,25 +489,31 @@ def _set_flag(trt: Any, config: Any, name: str) -> None:
     config.set_flag(flag)
 
 
-def _load_timing_cache(config: Any, path: Path, notes: list[str]) -> Any:
+def _load_timing_cache(config: Any, path: Path, notes: list[str]) -> bool:
+    """Load ``path`` into ``config``; False when it was made on another device/TensorRT version
+    (then the build starts from an empty cache)."""
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        # A cache from another GPU/TensorRT version: start empty, keep the old one for combining.
-        notes.append(f"timing cache {path} was made on another device/version; started an empty one")
+        notes.append(f"timing cache {path} was made on another device/version; started an empty one "
+                     "(the file is overwritten with this build's)")
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+        return False
+    return True
 
 
-def _save_timing_cache(config: Any, path: Path) -> None:
+def _save_timing_cache(config: Any, path: Path, *, merge: bool) -> None:
+    """Write the build's timing cache to ``path``; with ``merge``, combined with the file's entries
+    (a cache that matched this device/version: ``combine(..., ignore_mismatch=False)``). A file
+    that did not match is overwritten: merging it back would undo the check."""
     cache = config.get_timing_cache()
     if cache is None:
         return
-    if path.is_file():
+    if merge and path.is_file():
         previous = config.create_timing_cache(path.read_bytes())
-        if previous is not None:
-            cache.combine(previous, ignore_mismatch=True)
+        if previous is not None:  # combine returns False when it refuses: this build's cache alone is kept
+            cache.combine(previous, ignore_mismatch=False)
     _write_atomic(path, bytes(cache.serialize()))
 
 
@@ -443,14 +530,19 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
     record it in the manifest.
 
     Raises:
-        ValueError: invalid options (all listed).
+        OptionsError: invalid options (all listed).
         MissingDependencyError: TensorRT (or cuda-python) is not installed.
         BuildError: the parser, the GPU or the builder refused (every reason listed).
     """
     plan = plan_build(bundle, options)
     trt = require("tensorrt")
     major = int(str(trt.__version__).split(".")[0])
-    device = cuda_device_info(options.device)
+    try:
+        device = cuda_device_info(options.device)
+        # the builder (and everything it allocates) works on the current device: make it --device
+        set_cuda_device(options.device)
+    except RuntimeError as e:
+        raise BuildError(f"cannot use CUDA device {options.device}: {e}") from None
     notes = list(plan.notes)
     if plan.precision == "bf16" and not device.bf16:
         raise BuildError(
@@ -468,7 +560,7 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
         onnx_path = convert_onnx_mixed_precision(onnx_path, Path(tmp.name) / "model.onnx", plan.precision)
         notes.append(
             "TensorRT 11 is strongly typed: the graph was converted to fp16 (fp32 I/O, LayerNorm, "
-            "Softmax and logits) before parsing"
+            "Softmax, residual Adds and logits; export.variants' fp16 variant) before parsing"
         )
     try:
         # TensorRT 10: flags 0 is a weakly typed network, where builder precision flags apply.
@@ -485,10 +577,13 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
         fp32_layers: dict[str, int] = {}
         if plan.precision != "fp32" and not strongly_typed:
             _set_flag(trt, config, "FP16" if plan.precision == "fp16" else "BF16")
-            fp32_layers = _pin_fp32_layers(trt, network)
+            fp32_layers = _pin_fp32_layers(trt, network, onnx_fp32_names(onnx_path))
             _set_flag(trt, config, "OBEY_PRECISION_CONSTRAINTS")
             if not fp32_layers.get("normalization"):
                 notes.append("no normalization layer found to keep in fp32 (LayerNorm decomposed?)")
+            if fp32_layers.get("unmatched_onnx_names"):
+                notes.append(f"{fp32_layers['unmatched_onnx_names']} ONNX node(s) to keep in fp32 had no "
+                             "TensorRT layer of the same name (not pinned)")
         for i, spec in enumerate(plan.profiles):
             profile = builder.create_optimization_profile()
             for name, (lo, opt, hi) in spec.shapes.items():
@@ -511,7 +606,7 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
                     f"{options.hardware_compat!r}; it has {list(trt.HardwareCompatibilityLevel.__members__)}"
                 )
             config.hardware_compatibility_level = level
-        _load_timing_cache(config, plan.timing_cache, notes)
+        cache_matched = _load_timing_cache(config, plan.timing_cache, notes)
         monitor = _make_progress_monitor(trt, options.progress)
         if monitor is not None:
             config.progress_monitor = monitor  # must outlive the build: held by ``monitor`` here
@@ -525,7 +620,7 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
                 "the TensorRT log above says why"
             )
         _write_atomic(plan.engine_path, bytes(serialized))
-        _save_timing_cache(config, plan.timing_cache)
+        _save_timing_cache(config, plan.timing_cache, merge=cache_matched)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -537,7 +632,7 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
         tensorrt_version=str(trt.__version__),
         gpu_name=device.name,
         compute_capability=device.compute_capability,
-        precision=plan.precision,
+        precision=plan.engine_precision,
         tf32=options.tf32,
         profiles=[p.to_json() for p in plan.profiles],
         profile_summary=profile_summary(plan.profiles, bundle.contract),

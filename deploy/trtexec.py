@@ -7,7 +7,13 @@ Flag spellings follow trtexec's ``--help`` (TensorRT 10.x): ``--minShapes/--optS
 are given once per optimization profile, in profile order (trtexec builds one profile per set);
 ``--memPoolSize=workspace:N`` is in MiB; ``--precisionConstraints=obey`` with ``--layerPrecisions``
 and ``--layerOutputTypes`` pins named layers to fp32; ``--hardwareCompatibilityLevel`` takes
-``none`` or ``ampere+``.
+``none``, ``ampere+`` or ``sameComputeCapability`` (the last one from the TensorRT releases that
+have ``HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY``).
+
+TensorRT 11's trtexec dropped ``--fp16``, ``--bf16``, ``--precisionConstraints``,
+``--layerPrecisions`` and ``--layerOutputTypes`` (every network is strongly typed): there the
+graph must carry the types, so ``gpt2-deploy build --print-trtexec --trt-major 11`` prints the
+fp16 conversion of the graph first and a ``--stronglyTyped`` trtexec line on the converted graph.
 """
 
 from __future__ import annotations
@@ -89,6 +95,22 @@ def trtexec_command(
     if timing_cache is not None:
         argv.append(f"--timingCacheFile={timing_cache}")
     return argv
+
+
+def installed_trt_major(default: int = 10) -> int:
+    """The major version of the installed TensorRT wheel, read from its package metadata (nothing
+    is imported, so this is cheap and works without a GPU); ``default`` when none is installed."""
+    from importlib import metadata
+
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        head = version.split(".")[0]
+        if head.isdigit():
+            return int(head)
+    return default
 
 
 def format_command(argv: Sequence[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -18,13 +19,16 @@ from typing import Any
 from export.compare import tolerance_for
 from export.contract import IOContract
 from export.deps import MissingDependencyError, require
-from export.manifest import MANIFEST_FILE, Bundle, BundleError, Manifest, ModelDims
+from export.errors import OptionsError
+from export.manifest import MANIFEST_FILE, SCHEMA, Bundle, BundleError, Manifest, ModelDims
 from export.sources import SourceError
 from export.validate import ValidationError
 from export.variants import PRECISIONS
 
 # Errors that are the user's to fix: their message says it all, no captured output or traceback.
-USER_ERRORS = (SourceError, ValidationError, BundleError, FileExistsError, MissingDependencyError, ValueError)
+# (Not every ValueError: one raised by a bug inside a library must keep its traceback.)
+USER_ERRORS = (SourceError, ValidationError, BundleError, FileExistsError, MissingDependencyError,
+               OptionsError)
 MODEL_FILE = "model.onnx"
 REFERENCE_DIR = "reference"
 
@@ -35,7 +39,8 @@ class ExportOptions:
 
     Args:
         model: A preset, a local Hugging Face directory, or a hub name.
-        out: The bundle directory to write (created; an existing bundle there is replaced).
+        out: The bundle directory to write (created; a previous bundle there is replaced once the
+            new one is complete, and kept as it was when the export fails).
         precision: fp32 (default), fp16, int8 or ort-fused.
         seed: Weight seed for presets.
         name: The model's name in the bundle; defaults to the preset/hub/directory name.
@@ -64,8 +69,9 @@ class ExportOptions:
     int8_per_channel: bool = False
 
     def check(self) -> None:
+        """Raise OptionsError for an unsupported precision."""
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not supported; choose one of "
+            raise OptionsError(f"precision {self.precision!r} is not supported; choose one of "
                              f"{', '.join(PRECISIONS)}")
 
 
@@ -141,28 +147,77 @@ def _captured_output(enabled: bool = True) -> Iterator[_Captured]:
             log.failed = False
 
 
-def _prepare_out_dir(out: Path) -> None:
-    """Create ``out``; replace a previous bundle there, but never clobber a foreign directory."""
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or a non-empty directory other than a previous bundle.
+
+    A previous bundle is recognized by its manifest.json parsing as JSON with our schema; a
+    directory that merely holds some manifest.json (a web app's, say) is refused, never deleted.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a directory path")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    manifest = out / MANIFEST_FILE
+    if not manifest.is_file():
+        raise FileExistsError(f"--out {out} exists, is not empty and is not a gpt2-deploy "
+                              f"bundle ({len(entries)} entries, no {MANIFEST_FILE}); choose an empty "
+                              "or new directory")
+    try:
+        schema = json.loads(manifest.read_text(encoding="utf-8")).get("schema")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        schema = f"unreadable ({type(e).__name__})"
+    if schema != SCHEMA:
+        raise FileExistsError(f"--out {out} exists and is not a gpt2-deploy bundle: its {MANIFEST_FILE} "
+                              f"has schema {schema!r}, a bundle's is {SCHEMA!r} ({len(entries)} entries); "
+                              "nothing was changed there; choose an empty or new directory")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh hidden directory name beside ``out``: ``.<name>.<kind>-XXXXXXXX``."""
+    while True:
+        p = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+        if not p.exists():
+            return p
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Replace ``out`` (if any) by the finished ``work`` directory: rename the old one away, the
+    new one in, then delete the old one (both renames stay on one filesystem: same parent)."""
+    old = None
     if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"--out {out} is a file; give a directory path")
-        entries = list(out.iterdir())
-        if entries and not (out / MANIFEST_FILE).is_file():
-            raise FileExistsError(f"--out {out} exists, is not empty and is not a gpt2-deploy "
-                                  f"bundle ({len(entries)} entries); choose an empty or new directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        old = _sibling(out, "old")
+        os.rename(out, old)
+    try:
+        os.rename(work, out)
+    except BaseException:
+        if old is not None:  # put the previous bundle back
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_bundle(opts: ExportOptions) -> Bundle:
     """Export ``opts.model`` into the bundle directory ``opts.out`` and return it opened.
 
+    The bundle is written to a sibling temporary directory (``.<out name>.tmp-XXXX``) and swapped
+    in at the end, so a failed export leaves a previous bundle at ``out`` (engines included) as it
+    was, and removes only its temporary directory.
+
     Raises:
+        OptionsError: invalid options.
+        FileExistsError: ``out`` is a file or a non-empty directory that is not a bundle.
         export.sources.SourceError: the model cannot be found/loaded.
-        export.validate.ValidationError: validation failed (the bundle is left for inspection,
-            with the failing report in its manifest).
+        export.validate.ValidationError: validation failed. The new bundle still replaces ``out``
+            (the previous one is gone) so it can be inspected there, with the failing report in
+            its manifest's ``validation`` section.
     """
     opts.check()
+    out = Path(opts.out)
+    _check_out_dir(out)
     torch = require("torch")
     transformers = require("transformers")
     onnx = require("onnx")
@@ -171,12 +226,14 @@ def export_bundle(opts: ExportOptions) -> Bundle:
     from export.sources import TOKENIZER_DATA, load_source
     from export.validate import References, validate_export
 
-    out = Path(opts.out)
     progress = Progress(total=6 if opts.validate else 5, quiet=opts.quiet, verbose=opts.verbose)
     with progress.step(f"loading {opts.model}"):
         loaded = load_source(opts.model, seed=opts.seed)
     config = loaded.config
-    _prepare_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = _sibling(out, "tmp")
+    work.mkdir()  # not mkdtemp: the bundle directory gets the usual (umask) permissions
+    final, out = out, work  # everything below writes into the temporary directory
     try:
         staging = out / ".staging"
         with progress.step("exporting fp32 ONNX (torch dynamo exporter)"):
@@ -201,7 +258,7 @@ def export_bundle(opts: ExportOptions) -> Bundle:
 
         with progress.step(f"writing the {opts.precision} variant"):
             model_path = out / MODEL_FILE
-            variant = variants.make_variant(fp32_path, model_path, opts.precision, config,
+            variant = variants.make_variant(fp32_path, model_path, opts.precision,
                                             per_channel=opts.int8_per_channel, consume=True)
         shutil.rmtree(staging)
 
@@ -248,14 +305,15 @@ def export_bundle(opts: ExportOptions) -> Bundle:
                 validation=validation,
             ).with_files(out, roles)
             manifest.write(out)
+        _check_out_dir(final)  # again: something may have appeared there meanwhile
+        _swap_in(work, final)
     except BaseException:
-        # a half-written directory would block the next export to the same --out: remove it
-        # (a failed validation is not this case: it raises below, with the manifest written)
-        shutil.rmtree(out, ignore_errors=True)
+        # only our temporary directory goes; a previous bundle at --out is untouched
+        shutil.rmtree(work, ignore_errors=True)
         raise
-    if failure is not None:
+    if failure is not None:  # raised after the swap: the failing bundle is at --out to inspect
         raise failure
-    return Bundle.open(out)
+    return Bundle.open(final)
 
 
 def _release_weights(model: Any, torch: Any) -> None:

@@ -155,10 +155,6 @@ class ComparisonReport:
         n = sum(c.positions for c in self.cases)
         return sum(c.top1_agreement * c.positions for c in self.cases) / n if n else 1.0
 
-    @property
-    def first_failure(self) -> CaseResult | None:
-        return next((c for c in self.cases if not c), None)
-
     def __str__(self) -> str:
         t = self.tolerance
         ties = f", flips of near-ties <= {t.tie_margin:g} allowed" if t.tie_margin else ""

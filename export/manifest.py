@@ -243,11 +243,6 @@ class Bundle:
     def tokenizer_dir(self) -> Path:
         return self.root
 
-    @property
-    def config_dir(self) -> Path:
-        """Directory holding ``config.json`` (``GPT2Config.from_pretrained`` reads it)."""
-        return self.root
-
     def update_manifest(self, manifest: Manifest) -> None:
         manifest.write(self.root)
         self.manifest = manifest

@@ -19,10 +19,12 @@ from export import contract as C
 from export.cache_adapter import forward_with_cache
 from export.contract import IOContract
 from export.deps import require
+from export.errors import OptionsError
 
 DEFAULT_OPSET = 18
 # ONNX protobufs cannot exceed 2 GiB; above this estimated size the weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+PROTOBUF_LIMIT = 2**31
 # The additive attention-mask value. transformers fills masked scores with finfo(float32).min,
 # which becomes -inf in fp16 and turns fully masked (left-padding) rows into NaN, and NaN * 0 then
 # leaks into every later position through the value matmul. -1e4 is finite in fp16 and still
@@ -69,13 +71,9 @@ def example_inputs(contract: IOContract, batch: int = 2, seq: int = 3, past: int
 
 
 def estimated_onnx_bytes(model: Any) -> int:
-    """fp32 size of the unique parameters (tied weights counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * 4
-    return total
+    """fp32 size of the unique parameters (tied weights counted once: ``parameters()`` yields a
+    shared Parameter once; also right for a model on the meta device, which has no storage)."""
+    return sum(p.numel() * 4 for p in model.parameters())
 
 
 def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
@@ -88,16 +86,25 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
         opset: ONNX opset; >= 18 with the dynamo exporter.
         external_data: Force weights into an external file (True), inline them (False), or decide
             by size (None: external above ~1.8 GB, the protobuf limit being 2 GiB).
+
+    Raises:
+        OptionsError: opset < 18, or ``external_data=False`` for weights over 2 GiB (checked before
+            any tracing, rather than failing in protobuf at the end).
     """
     torch = require("torch")
     if opset < 18:
-        raise ValueError(f"opset {opset} is not supported: the dynamo exporter needs opset >= 18 "
+        raise OptionsError(f"opset {opset} is not supported: the dynamo exporter needs opset >= 18 "
                          "(a down-converted opset-17 graph is rejected by ONNX Runtime)")
     contract = IOContract.for_config(model.config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    size = estimated_onnx_bytes(model)
     if external_data is None:
-        external_data = estimated_onnx_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = size > EXTERNAL_DATA_THRESHOLD
+    elif not external_data and size >= PROTOBUF_LIMIT:
+        raise OptionsError(f"--no-external-data: the weights are {size / 2**30:.1f} GiB and one ONNX file "
+                           "(a protobuf) cannot exceed 2 GiB; drop --no-external-data (the weights then go "
+                           "to model.onnx.data beside the graph)")
 
     Dim = torch.export.Dim
     batch, seq, past, total = Dim(C.BATCH), Dim(C.SEQ), Dim(C.PAST), Dim(C.TOTAL)

@@ -7,8 +7,11 @@ BPE tokenizer works with them.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,35 +129,72 @@ def load_source(model: str, seed: int = 0) -> LoadedModel:
         if not (path / "config.json").is_file():
             raise SourceError(f"{path} has no config.json, so it is not a Hugging Face checkpoint "
                               f"directory. --model accepts {_accepted()}")
-        config = transformers.AutoConfig.from_pretrained(path)
-        if config.model_type != "gpt2":
-            raise SourceError(f"{path} holds a {config.model_type!r} model; only 'gpt2' is supported")
-        m = transformers.GPT2LMHeadModel.from_pretrained(
-            path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
-        has_tok = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
-        if has_tok:
-            tok = transformers.GPT2TokenizerFast.from_pretrained(path)
-        elif config.vocab_size == GPT2_VOCAB:
-            tok = embedded_tokenizer()
-        else:
-            raise SourceError(f"{path} has no tokenizer files and a vocabulary of "
-                              f"{config.vocab_size} (not GPT-2's {GPT2_VOCAB}); add tokenizer.json")
+        with _load_errors(f"{path}"):
+            config = transformers.AutoConfig.from_pretrained(path)
+            _check_gpt2(config, str(path))
+            m = transformers.GPT2LMHeadModel.from_pretrained(
+                path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
+            has_tok = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+            if has_tok:
+                tok = transformers.GPT2TokenizerFast.from_pretrained(path)
+            elif config.vocab_size == GPT2_VOCAB:
+                tok = embedded_tokenizer()
+            else:
+                raise SourceError(f"{path} has no tokenizer files and a vocabulary of "
+                                  f"{config.vocab_size} (not GPT-2's {GPT2_VOCAB}); add tokenizer.json")
         return LoadedModel(m.eval(), tok, path.resolve().name, "local", str(path))
+
+    if _looks_like_path(model):
+        raise SourceError(f"directory {path} does not exist. --model accepts {_accepted()}")
 
     if model in HUB_NAMES or "/" in model:
         kw = dict(dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
-        try:  # the local HF cache first: works offline when the model was downloaded before
-            m = transformers.GPT2LMHeadModel.from_pretrained(model, local_files_only=True, **kw)
-            tok = transformers.GPT2TokenizerFast.from_pretrained(model, local_files_only=True)
-        except OSError:
-            if not hub_reachable():
-                raise SourceError(
-                    f"{model!r} is a hub name, but the model hub cannot be reached from here and "
-                    f"the model is not in the local cache. Use a local directory holding the "
-                    f"checkpoint, or a preset: {', '.join(PRESETS)}") from None
-            m = transformers.GPT2LMHeadModel.from_pretrained(model, **kw)
-            tok = transformers.GPT2TokenizerFast.from_pretrained(model)
+        with _load_errors(f"hub model {model!r}"):
+            try:  # the local HF cache first: works offline when the model was downloaded before
+                config = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
+                _check_gpt2(config, model)
+                m = transformers.GPT2LMHeadModel.from_pretrained(model, local_files_only=True, **kw)
+                tok = transformers.GPT2TokenizerFast.from_pretrained(model, local_files_only=True)
+            except OSError:
+                if not hub_reachable():
+                    raise SourceError(
+                        f"{model!r} is a hub name, but the model hub cannot be reached from here and "
+                        f"the model is not in the local cache. Use a local directory holding the "
+                        f"checkpoint, or a preset: {', '.join(PRESETS)}") from None
+                config = transformers.AutoConfig.from_pretrained(model)
+                _check_gpt2(config, model)
+                m = transformers.GPT2LMHeadModel.from_pretrained(model, **kw)
+                tok = transformers.GPT2TokenizerFast.from_pretrained(model)
         return LoadedModel(m.eval(), tok, model.replace("/", "--"), "hub", model)
 
     raise SourceError(f"--model {model!r} is not a preset, a hub name or an existing directory. "
                       f"--model accepts {_accepted()}")
+
+
+def _looks_like_path(model: str) -> bool:
+    """A filesystem path rather than a hub id: starts with '.', '/' or '~', or holds a path
+    separator a hub id cannot (a hub id is ``owner/name``: one '/', no '\\' on Windows)."""
+    return (model.startswith((".", "/", "~")) or model.count("/") > 1
+            or (os.sep != "/" and os.sep in model))
+
+
+def _check_gpt2(config: Any, where: str) -> None:
+    if config.model_type != "gpt2":
+        raise SourceError(f"{where} holds a {config.model_type!r} model; only 'gpt2' is supported. "
+                          f"--model accepts {_accepted()}")
+
+
+@contextmanager
+def _load_errors(what: str) -> Iterator[None]:
+    """Turn transformers' loading failures (missing weights, a corrupt config.json, a hub 404 or
+    a download failure) into a SourceError naming ``what`` and the accepted sources."""
+    try:
+        yield
+    except SourceError:
+        raise
+    except (OSError, ValueError, json.JSONDecodeError) as e:  # JSONDecodeError is a ValueError
+        detail = " ".join(str(e).split())
+        if len(detail) > 400:
+            detail = detail[:400] + " ..."
+        raise SourceError(f"cannot load {what}: {type(e).__name__}: {detail}. "
+                          f"--model accepts {_accepted()}") from None

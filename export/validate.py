@@ -155,7 +155,13 @@ def validate_export(onnx_path: str | Path, model: Any, tolerance: Tolerance, *,
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        report.errors.append(f"ONNX Runtime cannot load the graph: {type(e).__name__}: {e}")
+        if raise_on_failure:
+            raise ValidationError(report) from None
+        return report
     for i, case in enumerate(refs.cases if refs else cases):
         feeds = refs.feeds[i] if refs else make_case_inputs(case, contract, seed=i)
         try:

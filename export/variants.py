@@ -23,9 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.contract import LOGITS
 from export.deps import require
+from export.errors import OptionsError
 
 PRECISIONS = ("fp32", "fp16", "int8", "ort-fused")
+# Op types kept in fp32 by every reduced-precision path (this fp16 variant and TensorRT's fp16/bf16
+# builds): reductions whose fp16 sums lose precision.
+FP32_OPS = ("LayerNormalization", "Softmax")
 # Tensors at or above this many bytes go to the external data file when a graph is external.
 EXTERNAL_SIZE_THRESHOLD = 1024
 
@@ -152,16 +157,48 @@ def residual_adds(graph: Any) -> list[str]:
     return names
 
 
-def lm_head_node(graph: Any, logits: str = "logits") -> Any:
-    """The MatMul/Gemm computing the logits (walking back over Reshape/Cast/Identity)."""
+def lm_head_path(graph: Any, logits: str = LOGITS) -> list[Any]:
+    """The lm_head MatMul/Gemm with the shape-only nodes around it, logits side first.
+
+    From ``logits`` back over Reshape/Cast/Identity to the matmul, then from the matmul's input
+    back over Reshape/Identity/Flatten (the dynamo export flattens around it) to the final
+    LayerNorm. Keeping all of them fp32 keeps the LayerNorm -> lm_head -> logits path unrounded.
+
+    Raises:
+        ValueError: no MatMul/Gemm produces ``logits`` (not a GPT-2 decoder graph).
+    """
     prod = _producers(graph)
+    path = []
     node = prod.get(logits)
     while node is not None and node.op_type in ("Reshape", "Cast", "Identity"):
+        path.append(node)
         node = prod.get(node.input[0])
     if node is None or node.op_type not in ("MatMul", "Gemm"):
         raise ValueError(f"cannot find the lm_head MatMul/Gemm producing {logits!r} "
                          f"(found {node.op_type if node is not None else 'a graph input'})")
-    return node
+    path.append(node)
+    node = prod.get(node.input[0])
+    while node is not None and node.op_type in ("Reshape", "Identity", "Flatten"):
+        path.append(node)
+        node = prod.get(node.input[0])
+    return path
+
+
+def lm_head_node(graph: Any, logits: str = LOGITS) -> Any:
+    """The MatMul/Gemm computing the logits (see ``lm_head_path``)."""
+    return next(n for n in lm_head_path(graph, logits) if n.op_type in ("MatMul", "Gemm"))
+
+
+def fp32_node_names(graph: Any) -> dict[str, list[str]]:
+    """Names of the nodes a reduced-precision graph or engine keeps in fp32, by reason.
+
+    ``ops``: LayerNormalization and Softmax; ``residual_adds``: the residual stream
+    (``residual_adds``); ``lm_head``: ``lm_head_path``. Used by ``to_fp16`` and by the TensorRT
+    builder (whose ONNX parser names layers after these nodes) alike.
+    """
+    return {"ops": [n.name for n in graph.node if n.op_type in FP32_OPS and n.name],
+            "residual_adds": residual_adds(graph),
+            "lm_head": [n.name for n in lm_head_path(graph) if n.name]}
 
 
 def gemm_to_matmul(model: Any) -> int:
@@ -298,30 +335,22 @@ def to_fp16(model: Any) -> dict[str, Any]:
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    blocked_ops = ["LayerNormalization", "Softmax"]
-    residual = residual_adds(model.graph)
-    head = lm_head_node(model.graph)
-    # the reshapes between the final LayerNorm and the lm_head too, or its input is rounded to fp16
-    prod = _producers(model.graph)
-    head_path = [head.name]
-    node = prod.get(head.input[0])
-    while node is not None and node.op_type in ("Reshape", "Identity", "Flatten"):
-        head_path.append(node.name)
-        node = prod.get(node.input[0])
+    keep = fp32_node_names(model.graph)
+    residual, head_path = keep["residual_adds"], keep["lm_head"]
     # value_info entries naming initializers would be retyped fp16 by the converter while the
     # initializer itself stays fp32 (when only fp32 nodes use it): drop them, types come from dims
     inits = {i.name for i in model.graph.initializer}
-    keep = [vi for vi in model.graph.value_info if vi.name not in inits]
+    value_info = [vi for vi in model.graph.value_info if vi.name not in inits]
     del model.graph.value_info[:]
-    model.graph.value_info.extend(keep)
+    model.graph.value_info.extend(value_info)
     converted = convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=True,
-        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *blocked_ops], node_block_list=[*residual, *head_path])
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS], node_block_list=[*residual, *head_path])
     if converted is not model:  # the converter edits in place and returns it; guard a change
         model.CopyFrom(converted)
     casts = drop_round_trip_casts(model)
     topological_sort(model.graph)  # the converter appends its Casts at the end of the node list
-    return {"fp32_ops": blocked_ops, "fp32_residual_adds": len(residual), "fp32_lm_head": head_path,
+    return {"fp32_ops": list(FP32_OPS), "fp32_residual_adds": len(residual), "fp32_lm_head": head_path,
             "round_trip_casts_removed": casts}
 
 
@@ -336,7 +365,7 @@ def int8_nodes(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
-def make_variant(fp32_path: Path, out_path: Path, precision: str, config: Any = None,
+def make_variant(fp32_path: Path, out_path: Path, precision: str,
                  *, per_channel: bool = False, consume: bool = False) -> VariantInfo:
     """Write the ``precision`` variant of ``fp32_path`` to ``out_path``.
 
@@ -346,16 +375,15 @@ def make_variant(fp32_path: Path, out_path: Path, precision: str, config: Any = 
         fp32_path: The exporter's fp32 graph.
         out_path: Where to write the variant's .onnx file.
         precision: One of ``PRECISIONS``.
-        config: The model's GPT2Config (unused by the current variants; kept for callers).
         per_channel: int8 only: one scale per output channel instead of one per tensor.
         consume: fp32 only: move ``fp32_path`` (a staging file) instead of copying it (6 GB for
             gpt2-xl).
 
     Raises:
-        ValueError: an unknown precision.
+        OptionsError: an unknown precision.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+        raise OptionsError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     onnx = require("onnx")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     external = bool(external_locations(fp32_path))

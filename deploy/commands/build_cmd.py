@@ -1,8 +1,8 @@
 """CLI command of the build stage: ``gpt2-deploy build BUNDLE`` (ONNX -> TensorRT engine).
 
-The module top imports only typer and the standard library; the builder (and TensorRT, lazily)
-is imported inside the command body, so ``gpt2-deploy --help`` and ``--print-trtexec`` work
-where TensorRT is not installed.
+The module top imports only typer, the standard library and ``deploy.presets`` (standard library
+only); the builder (and TensorRT, lazily) is imported inside the command body, so
+``gpt2-deploy --help`` and ``--print-trtexec`` work where TensorRT is not installed.
 """
 
 from __future__ import annotations
@@ -12,16 +12,21 @@ from pathlib import Path
 import typer
 
 from deploy.commands import options as opt
+from deploy.presets import PRECISIONS, PRESETS, preset_help
 
-PRESET_NAMES = "server|orin-nano|orin-nx|agx-orin"
+PRESET_NAMES = "|".join(PRESETS)
 
 
 def build(
     bundle: Path = opt.BUNDLE,
     preset: str = typer.Option(
-        "server", help=f"Edge preset: {PRESET_NAMES} (batch, context, workspace, precision)."
+        "server",
+        help=f"Edge preset ({PRESET_NAMES}): batch, context, workspace and precision for a target. "
+        f"{preset_help()}.",
     ),
-    precision: str = typer.Option(None, help="fp32|fp16|bf16 (default: the preset's, fp16)."),
+    precision: str = typer.Option(
+        None, help=f"{'|'.join(PRECISIONS)} (default: the preset's). fp32 and fp16 bundles only."
+    ),
     workspace: str = typer.Option(None, help="Builder workspace limit, e.g. 2G or 512M (default: preset's)."),
     opt_level: int = typer.Option(
         None, "--opt-level", help="Builder optimization level 0-5 (TensorRT default 3)."
@@ -54,12 +59,19 @@ def build(
         "--print-trtexec",
         help="Print the equivalent trtexec command line and exit (needs no TensorRT).",
     ),
+    trt_major: int = typer.Option(
+        None,
+        "--trt-major",
+        help="TensorRT major version (10 or 11) --print-trtexec writes for (default: the installed "
+        "tensorrt's, else 10). 11's trtexec is strongly typed only: an fp16 conversion step comes first.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No build progress bars."),
 ) -> None:
     """Build a TensorRT engine from BUNDLE's ONNX graph into BUNDLE/engines/ (needs TensorRT + GPU)."""
     from deploy.trt_build import BuildError, BuildOptions, build_engine, plan_build
-    from deploy.trtexec import format_command
+    from deploy.trtexec import format_command, installed_trt_major
     from export.deps import MissingDependencyError
+    from export.errors import OptionsError
     from export.manifest import Bundle, BundleError
 
     opts = BuildOptions(
@@ -83,19 +95,23 @@ def build(
         b = Bundle.open(bundle, verify_hashes=not print_trtexec)
         if print_trtexec:
             plan = plan_build(b, opts)
+            major = trt_major if trt_major is not None else installed_trt_major()
+            steps = plan.trtexec_steps(major)
             typer.echo(
-                f"# {plan.preset.name}: {plan.preset.description}; {plan.precision}; profiles "
+                f"# {plan.preset.name}: {plan.preset.description}; {plan.engine_precision}; profiles "
                 f"context (past 0, seq 1..{plan.limits.max_prompt}) and generation (seq 1, past "
-                f"1..{plan.limits.max_context - 1}), batch 1..{plan.limits.max_batch}"
+                f"1..{plan.limits.max_context - 1}), batch 1..{plan.limits.max_batch}; TensorRT {major}"
             )
+            if plan.preset.why:
+                typer.echo(f"# why: {plan.preset.why}")
             for note in plan.notes:
                 typer.echo(f"# note: {note}")
-            typer.echo(format_command(plan.trtexec()))
+            typer.echo("\n".join(format_command(step) for step in steps))
             return
         entry = build_engine(b, opts)
-    except (ValueError, BundleError, MissingDependencyError, BuildError) as e:
+    except (OptionsError, BundleError, MissingDependencyError, BuildError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2 if isinstance(e, ValueError) else 1) from None
+        raise typer.Exit(2 if isinstance(e, OptionsError) else 1) from None
     typer.echo(
         f"built {b.root / entry.file} in {entry.build_seconds:.1f} s: TensorRT {entry.tensorrt_version}, "
         f"{entry.gpu_name} (sm {entry.compute_capability}), {entry.precision}"

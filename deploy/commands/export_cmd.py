@@ -13,13 +13,10 @@ from pathlib import Path
 import typer
 
 from deploy.commands import options as opt
+from export.variants import PRECISIONS
 
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-    ort_fused = "ort-fused"
+# typer wants an Enum for a choice; made from export.variants' list so the two cannot drift
+Precision = Enum("Precision", {p.replace("-", "_"): p for p in PRECISIONS}, type=str)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -32,7 +29,7 @@ def export(
                               "gpt2-1.5b), hub name (gpt2, gpt2-medium, ...) or local HF directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (a previous bundle "
                              "there is replaced; a non-empty foreign directory is refused)."),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", "-p", help="Graph variant."),
+    precision: Precision = typer.Option("fp32", "--precision", "-p", help="Graph variant."),
     seed: int = typer.Option(0, "--seed", help="Weight seed of a preset."),
     name: str | None = typer.Option(None, "--name", help="Model name in the manifest "
                                     "(default: the preset, hub or directory name)."),

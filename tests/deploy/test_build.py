@@ -13,8 +13,17 @@ from typer.testing import CliRunner
 
 from deploy.cli import app
 from deploy.engine import EngineEntry, tensorrt_unavailable_reason
-from deploy.trt_build import BuildOptions, build_engine, onnx_fp32_node_names, parse_size, plan_build
+from deploy.trt_build import (
+    BuildError,
+    BuildOptions,
+    build_engine,
+    onnx_fp32_names,
+    onnx_fp32_node_names,
+    parse_size,
+    plan_build,
+)
 from export.deps import MissingDependencyError
+from export.errors import OptionsError
 from export.manifest import Bundle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,8 +44,9 @@ def test_options_report_every_problem_at_once():
         exclude_lean_runtime=True,
         hardware_compat="turing",
         name="../evil",
+        device=-1,
     )
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(OptionsError) as e:
         bad.check()
     msg = str(e.value)
     for part in (
@@ -47,6 +57,7 @@ def test_options_report_every_problem_at_once():
         "--exclude-lean-runtime needs --version-compatible",
         "hardware compat 'turing'",
         "engine name '../evil'",
+        "device must be a CUDA device index >= 0, got -1",
     ):
         assert part in msg, part
 
@@ -70,9 +81,12 @@ def test_fp32_nodes_found_in_the_exported_graph(tiny_bundle):
         n.name: n.op_type for n in onnx.load(str(tiny_bundle.onnx_path), load_external_data=False).graph.node
     }
     kinds = [ops[n] for n in names]
-    # 2 blocks x 2 LayerNorms + ln_f, one Softmax per block, and the lm_head matmul last
+    # 2 blocks x 2 LayerNorms + ln_f, one Softmax per block, the residual Adds (embedding sum + 2 per
+    # block) and the lm_head matmul
     assert kinds.count("LayerNormalization") == 5 and kinds.count("Softmax") == 2
-    assert kinds[-1] in ("MatMul", "Gemm")
+    assert kinds.count("Add") == 5 and kinds.count("MatMul") + kinds.count("Gemm") == 1
+    groups = onnx_fp32_names(tiny_bundle.onnx_path)
+    assert len(groups["residual_adds"]) == 5 and names == list(dict.fromkeys(names))  # no duplicates
 
 
 def test_print_trtexec_cli(tiny_bundle):
@@ -167,3 +181,98 @@ def test_build_tiny_engine(trt_bundle, precision):
     assert [p["name"] for p in entry.profile_summary] == ["context", "generation"]
     if precision == "fp16" and not entry.flags["strongly_typed"]:
         assert entry.fp32_layers["normalization"] >= 5 and entry.fp32_layers["logits"] >= 1
+        # pinned by ONNX node name: the residual stream (embedding sum + 2 per block) and the lm_head
+        assert entry.fp32_layers["residual_adds"] >= 4 and entry.fp32_layers["lm_head"] >= 1
+
+
+@pytest.mark.trt
+def test_build_on_a_missing_device_is_a_build_error(trt_bundle):
+    with pytest.raises(BuildError, match="cannot use CUDA device 99"):
+        build_engine(trt_bundle, BuildOptions(preset="orin-nano", device=99, progress=False))
+
+
+def _with_precision(bundle, tmp_path, precision):
+    """A copy of the tiny bundle whose manifest says ``precision`` (plan_build reads only that)."""
+    import dataclasses
+    import shutil
+
+    dst = tmp_path / f"tiny-{precision}"
+    shutil.copytree(bundle.root, dst)
+    b = Bundle.open(dst)
+    b.update_manifest(dataclasses.replace(b.manifest, precision=precision))
+    return Bundle.open(dst)
+
+
+@pytest.mark.parametrize("precision", ["int8", "ort-fused"])
+def test_bundles_tensorrt_cannot_parse_are_refused(tiny_bundle, tmp_path, precision):
+    b = _with_precision(tiny_bundle, tmp_path, precision)
+    with pytest.raises(OptionsError, match=rf"graph is {precision}; TensorRT builds from fp32 or fp16 bundles"
+                                           r" only .* export an fp32 bundle"):
+        plan_build(b, BuildOptions())
+    res = CliRunner().invoke(app, ["build", str(b.root), "--print-trtexec"])
+    assert res.exit_code == 2 and "fp32 or fp16 bundles only" in res.output
+
+
+def test_fp32_build_of_an_fp16_bundle_records_fp16(tiny_bundle, tmp_path):
+    b = _with_precision(tiny_bundle, tmp_path, "fp16")
+    plan = plan_build(b, BuildOptions(precision="fp32"))
+    assert plan.precision == "fp32" and plan.engine_precision == "fp16"
+    assert any("computes in fp16 and is recorded as fp16" in n for n in plan.notes)
+    assert plan_build(b, BuildOptions(precision="fp16")).engine_precision == "fp16"
+
+
+def test_clipped_overrides_are_noted_and_printed(tiny_bundle):
+    plan = plan_build(tiny_bundle, BuildOptions(preset="server", max_context=4096, max_prompt=1000))
+    assert (plan.limits.max_context, plan.limits.max_prompt) == (256, 256)
+    assert "--max-context 4096 is more than the model's 256 positions: clipped to 256" in plan.notes
+    assert "--max-prompt 1000 is more than the max context: clipped to 256" in plan.notes
+    assert not plan_build(tiny_bundle, BuildOptions(preset="server", max_context=128)).notes
+    res = CliRunner().invoke(app, ["build", str(tiny_bundle.root), "--max-context", "4096",
+                                   "--print-trtexec"])
+    assert res.exit_code == 0 and "# note: --max-context 4096 is more than" in res.output
+
+
+def test_print_trtexec_for_tensorrt_11_converts_first(tiny_bundle, tmp_path):
+    """TensorRT 11's trtexec has no --fp16/--layerPrecisions: the printed conversion step (run here
+    for real) writes the fp16 graph, and the trtexec line builds it strongly typed."""
+    import onnx
+
+    from deploy.trtexec import format_command
+
+    res = CliRunner().invoke(app, ["build", str(tiny_bundle.root), "--preset", "orin-nano",
+                                   "--trt-major", "11", "--print-trtexec"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "TensorRT 11" in out and "make_variant(" in out and "--stronglyTyped" in out
+    for removed in ("--fp16", "--bf16", "--precisionConstraints", "--layerPrecisions", "--layerOutputTypes"):
+        assert removed not in out
+    plan = plan_build(tiny_bundle, BuildOptions(preset="orin-nano"))
+    convert, trtexec = plan.trtexec_steps(11)
+    converted = plan.engine_path.with_suffix(".fp16.onnx")
+    assert f"--onnx={converted}" in trtexec
+    assert format_command(convert) in out
+    # the printed step, run as printed, but writing into tmp_path (the session bundle stays clean)
+    code = convert[2].replace(str(converted), str(tmp_path / "m.onnx"))
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    g = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.graph.initializer)
+    # fp32 needs no conversion; TensorRT 10 keeps the precision flags; bf16 has no converter here
+    assert len(plan_build(tiny_bundle, BuildOptions(precision="fp32")).trtexec_steps(11)) == 1
+    assert "--fp16" in plan.trtexec_steps(10)[0]
+    with pytest.raises(OptionsError, match="ModelOpt AutoCast"):
+        plan_build(tiny_bundle, BuildOptions(precision="bf16")).trtexec_steps(11)
+    with pytest.raises(OptionsError, match="--trt-major must be 10 or 11, got 9"):
+        plan.trtexec_steps(9)
+
+
+def test_build_help_lists_the_presets_with_their_reasons():
+    from deploy.commands.build_cmd import PRESET_NAMES
+    from deploy.presets import PRESETS
+
+    assert PRESET_NAMES.split("|") == list(PRESETS)
+    res = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    for p in PRESETS.values():
+        assert p.name in text and p.description.split()[0] in text
+    assert "KV ping-pong" in text  # a ``why``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from deploy.gpu_check import FAIL, PASS, SKIP, CheckReport, Row, detect_environment, run_checks
 
@@ -32,3 +33,16 @@ def test_runs_on_this_machine(tiny_bundle, tmp_path):
         assert trt_row.status == SKIP and "TensorRT not installed" in trt_row.detail
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["step"] for r in saved["rows"]] == [r.step for r in report.rows]
+
+
+def test_a_bad_bundle_is_a_fail_row_not_a_crash(tmp_path):
+    import tempfile
+
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("gpu-check-*")}
+    report = run_checks(out=tmp_path / "out", models=[], bundle=tmp_path / "no-bundle", budget=60,
+                        run_trt_tests=False)
+    row = next(r for r in report.rows if r.step == "open bundle no-bundle")
+    assert row.status == FAIL and "no-bundle" in row.detail and not report
+    assert "cuda_python" in report.environment  # reported (None where cuda-python is not installed)
+    assert "cuda-python" in report.rows[0].detail
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("gpu-check-*")} == before  # cleaned up

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from export.api import ExportOptions, Progress, export_bundle
+from export.errors import OptionsError
 from export.sources import SourceError
 
 
@@ -48,8 +49,8 @@ def test_verbose_and_quiet(capfd):
 
 
 def test_options_are_checked_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match=r"precision 'fp8' is not supported; choose one of fp32, fp16, int8, "
-                                         r"ort-fused"):
+    with pytest.raises(OptionsError,
+                       match=r"precision 'fp8' is not supported; choose one of fp32, fp16, int8, ort-fused"):
         export_bundle(ExportOptions(model="tiny", out=tmp_path / "b", precision="fp8"))
     assert not (tmp_path / "b").exists()
     (tmp_path / "file").write_text("x")
@@ -68,5 +69,45 @@ def test_a_crashed_export_leaves_no_half_written_bundle(tmp_path, monkeypatch, c
     out = tmp_path / "b"
     with pytest.raises(RuntimeError, match="converter crashed"):
         export_bundle(ExportOptions(model="tiny", out=out, reference=False))
-    assert not out.exists()  # so the next export to the same --out is not refused
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no half-written bundle, no temp dir
     assert "converter internals" in capfd.readouterr().err  # the failed step's captured output
+
+
+def test_a_directory_with_a_foreign_manifest_is_refused_and_left_intact(tmp_path):
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "app"}')
+    (app / "index.html").write_text("<html></html>")
+    with pytest.raises(FileExistsError, match=r"not a gpt2-deploy bundle: its manifest.json has schema None"):
+        export_bundle(ExportOptions(model="tiny", out=app, quiet=True))
+    assert sorted(p.name for p in app.iterdir()) == ["index.html", "manifest.json"]
+    assert (app / "manifest.json").read_text() == '{"name": "app"}'
+    (app / "manifest.json").write_text("not json")
+    with pytest.raises(FileExistsError, match=r"schema 'unreadable \(JSONDecodeError\)'"):
+        export_bundle(ExportOptions(model="tiny", out=app, quiet=True))
+    assert (app / "index.html").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["webapp"]  # no temporary directory left
+
+
+def test_a_failed_re_export_keeps_the_previous_bundle(tiny_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    from export import variants
+    from export.manifest import Bundle
+
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, out)
+    (out / "engines").mkdir()
+    (out / "engines" / "server-fp16.engine").write_bytes(b"plan")  # not hashed: Bundle.open ignores it
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(variants, "make_variant", crash)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        export_bundle(ExportOptions(model="tiny", out=out, reference=False, validate=False, quiet=True))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (out / "engines" / "server-fp16.engine").read_bytes() == b"plan"
+    Bundle.open(out)  # hashes still match
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the temporary directory is gone

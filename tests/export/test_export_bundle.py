@@ -144,3 +144,19 @@ def test_external_data_forced(tmp_path_factory):
     ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
     assert _tied_count(b.onnx_path, 50257, 64) == 1
     assert "reference/model.safetensors" not in files  # --no-reference
+
+
+def test_no_external_data_over_2_gib_is_refused_before_tracing(tmp_path):
+    """gpt2-1.5b's shape on the meta device: no memory, no tracing; the size check alone."""
+    import torch
+    import transformers
+
+    from export.errors import OptionsError
+    from export.onnx_export import export_onnx
+    from export.sources import preset_config
+
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(preset_config("gpt2-1.5b"))
+    with pytest.raises(OptionsError, match=r"weights are 5.8 GiB .* drop --no-external-data"):
+        export_onnx(model, tmp_path / "model.onnx", external_data=False)
+    assert not (tmp_path / "model.onnx").exists()

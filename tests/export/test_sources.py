@@ -66,3 +66,30 @@ def test_export_from_local_directory(tmp_path):
     named = export_bundle(ExportOptions(model=str(d), out=tmp_path / "bundle", name="custom",
                                         validate=False, reference=False, quiet=True))
     assert named.name == "custom" and named.manifest.validation == {"skipped": True}
+
+
+@pytest.mark.parametrize("model", ["./no/such/dir", "~/no-such-gpt2-dir", "no/such/dir"])
+def test_a_missing_directory_is_not_taken_for_a_hub_name(model):
+    with pytest.raises(SourceError, match=r"^directory \S*no[/-]such\S* does not exist") as e:
+        load_source(model)
+    assert "hub" in str(e.value) and "tiny" in str(e.value)  # the accepted sources are listed
+
+
+def test_directory_with_config_but_no_weights(tmp_path):
+    load_source("tiny").config.save_pretrained(tmp_path)
+    with pytest.raises(SourceError) as e:
+        load_source(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"cannot load {tmp_path}: OSError:") and "tiny" in msg
+
+
+def test_directory_with_a_corrupt_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SourceError, match=rf"cannot load {tmp_path}: .*Error.*--model accepts"):
+        load_source(str(tmp_path))
+
+
+def test_directory_holding_another_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(SourceError, match="holds a 'bert' model; only 'gpt2' is supported"):
+        load_source(str(tmp_path))

@@ -78,3 +78,23 @@ def test_near_tie_flips_are_forgiven_only_within_the_margin():
     got[0, 1, 3] = 1.2  # position 1: a clear winner (margin 1.0) flipped
     r = compare_logits(ref, got, valid, Tolerance("t", atol=2.0, min_top1=0.9, tie_margin=0.1), "clear")
     assert not r and r.near_tie_flips == 1
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_reported(tiny_bundle, tmp_path):
+    """Names and shapes are right and the onnx checker passes, but an op ONNX Runtime lacks makes
+    the session fail: that is one collected error, not a traceback."""
+    from export.validate import References
+
+    m = onnx.load(str(tiny_bundle.onnx_path))
+    softmax = next(n for n in m.graph.node if n.op_type == "Softmax")
+    softmax.domain = "com.example.unknown"
+    m.opset_import.append(onnx.helper.make_opsetid("com.example.unknown", 1))
+    path = tmp_path / "model.onnx"
+    onnx.save(m, str(path))
+    refs = References(tiny_bundle.contract, (), [], [])  # never reached: the session fails first
+    report = validate_export(path, refs, tolerance_for("fp32"), raise_on_failure=False)
+    assert not report and len(report.errors) == 1
+    assert report.errors[0].startswith("ONNX Runtime cannot load the graph: ")
+    assert "com.example.unknown" in report.errors[0]
+    with pytest.raises(ValidationError, match="ONNX Runtime cannot load the graph"):
+        validate_export(path, refs, tolerance_for("fp32"))

@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from export.compare import tolerance_for
+from export.errors import OptionsError
 from export.validate import validate_export
 from export.variants import make_variant, residual_adds
 
@@ -123,7 +124,7 @@ def test_ort_fused_records_its_fusions(variant):
 
 
 def test_unknown_precision(tiny_bundle, tmp_path):
-    with pytest.raises(ValueError, match=r"precision 'fp8' is not supported; choose one of fp32, fp16"):
+    with pytest.raises(OptionsError, match=r"precision 'fp8' is not supported; choose one of fp32, fp16"):
         make_variant(tiny_bundle.onnx_path, tmp_path / "m.onnx", "fp8")
 
 
