@@ -20,7 +20,7 @@ from export.compare import tolerance_for
 from export.contract import IOContract
 from export.deps import MissingDependencyError, require
 from export.errors import OptionsError
-from export.manifest import MANIFEST_FILE, SCHEMA, Bundle, BundleError, Manifest, ModelDims
+from export.manifest import MANIFEST_FILE, REFERENCE_DIR, SCHEMA, Bundle, BundleError, Manifest, ModelDims
 from export.sources import SourceError
 from export.validate import ValidationError
 from export.variants import PRECISIONS
@@ -30,7 +30,6 @@ from export.variants import PRECISIONS
 USER_ERRORS = (SourceError, ValidationError, BundleError, FileExistsError, MissingDependencyError,
                OptionsError)
 MODEL_FILE = "model.onnx"
-REFERENCE_DIR = "reference"
 
 
 @dataclass
@@ -334,7 +333,7 @@ def _role(rel: str) -> str:
         return "reference"
     if rel.endswith(".onnx"):
         return "onnx"
-    if rel.endswith(".onnx.data") or rel.endswith(".data"):
+    if rel.endswith(".data"):
         return "onnx-data"
     if rel == "config.json":
         return "config"

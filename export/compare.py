@@ -127,7 +127,8 @@ def compare_logits(reference: np.ndarray, actual: np.ndarray, valid: np.ndarray 
     mism = np.flatnonzero(~agree)
     # how much the reference prefers its own top-1 over the token the actual output picked
     margin = r.max(-1) - r[np.arange(r.shape[0]), chosen]
-    near_tie = ~agree & (margin <= tolerance.tie_margin) if tolerance.tie_margin > 0 else ~agree & False
+    near_tie = (~agree & (margin <= tolerance.tie_margin) if tolerance.tie_margin > 0
+                else np.zeros_like(agree))
     counted_top1 = float((agree | near_tie).mean())
     passed = finite and max_abs <= tolerance.atol and counted_top1 >= tolerance.min_top1
     return CaseResult(case, max_abs, mean_abs, top1, int(r.shape[0]),

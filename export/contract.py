@@ -51,6 +51,17 @@ def present_value(i: int) -> str:
     return f"present.{i}.value"
 
 
+def left_padded_positions(attention_mask: Any) -> Any:
+    """Position ids (B, T) for an attention mask (B, T) of a left-padded batch.
+
+    Real tokens count 0, 1, ... in each row; padding slots get 0 (they are masked anyway). This is
+    what transformers' ``generate`` does, so a padded row gets the positions it would get alone.
+    """
+    import numpy as np  # lazily: this module is read by ``gpt2-deploy --help``
+
+    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named tensor: its dtype (numpy name) and its axes (symbol names or fixed sizes)."""

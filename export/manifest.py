@@ -26,6 +26,8 @@ from export.contract import IOContract
 SCHEMA = "gpt2-deploy.bundle"
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# The PyTorch checkpoint the graph was exported from (torch reference backend, parity checks).
+REFERENCE_DIR = "reference"
 
 
 class BundleError(Exception):

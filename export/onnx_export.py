@@ -138,21 +138,20 @@ def _postprocess(path: Path, contract: IOContract) -> None:
                 d.dim_param = C.TOTAL  # exporter writes "past + seq"
 
     limit = np.finfo(np.float32).min / 2
-    external = onnx.TensorProto.EXTERNAL
-    for init in m.graph.initializer:
-        if init.data_location == external or init.data_type != onnx.TensorProto.FLOAT:
-            continue
-        a = numpy_helper.to_array(init)
+
+    def make_finite(t: Any) -> None:  # a small fp32 tensor holding the mask fill: rewrite it
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type != onnx.TensorProto.FLOAT:
+            return
+        a = numpy_helper.to_array(t)
         if a.size <= 16 and np.any(a < limit):
-            init.CopyFrom(numpy_helper.from_array(
-                np.where(a < limit, MASK_FILL_VALUE, a).astype(np.float32), init.name))
+            t.CopyFrom(numpy_helper.from_array(
+                np.where(a < limit, MASK_FILL_VALUE, a).astype(np.float32), t.name))
+
+    for init in m.graph.initializer:
+        make_finite(init)
     for node in m.graph.node:
-        if node.op_type != "Constant":
-            continue
-        for attr in node.attribute:
-            if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
-                a = numpy_helper.to_array(attr.t)
-                if a.size <= 16 and np.any(a < limit):
-                    attr.t.CopyFrom(numpy_helper.from_array(
-                        np.where(a < limit, MASK_FILL_VALUE, a).astype(np.float32), attr.t.name))
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    make_finite(attr.t)
     onnx.save(m, str(path))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from export.compare import ComparisonReport, Tolerance, compare_logits
-from export.contract import LOGITS, IOContract
+from export.contract import LOGITS, IOContract, left_padded_positions
 from export.deps import require
 
 
@@ -54,7 +54,7 @@ def make_case_inputs(case: Case, contract: IOContract, seed: int = 0) -> dict[st
     for r in range(case.padded_rows):
         mask[r, : min(3, p + s - 1)] = 0
     # positions count real tokens only, so a left-padded row starts at 0 like an unpadded one
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p:]
+    pos = left_padded_positions(mask)[:, p:]
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int64)}
     for name in contract.past_names:
         shape = contract.concrete_shape(name, batch=b, seq=s, past=p)

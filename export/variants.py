@@ -184,11 +184,6 @@ def lm_head_path(graph: Any, logits: str = LOGITS) -> list[Any]:
     return path
 
 
-def lm_head_node(graph: Any, logits: str = LOGITS) -> Any:
-    """The MatMul/Gemm computing the logits (see ``lm_head_path``)."""
-    return next(n for n in lm_head_path(graph, logits) if n.op_type in ("MatMul", "Gemm"))
-
-
 def fp32_node_names(graph: Any) -> dict[str, list[str]]:
     """Names of the nodes a reduced-precision graph or engine keeps in fp32, by reason.
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from export.contract import left_padded_positions
 from serving.backends.base import Backend
 from serving.errors import InvalidInput, OutOfRange
 from serving.sampling import SamplingParams, select_next
@@ -114,14 +116,6 @@ class BatchResult:
     tokens: list[list[int]]
     prefill_s: float
     step_s: list[float]  # one entry per decode step after the prefill
-
-
-def left_padded_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """Position ids (B, S) for a left-padded ``attention_mask`` (B, S): real tokens count 0, 1, ...
-
-    Padding slots get 0 (they are masked anyway); this is what transformers' ``generate`` does.
-    """
-    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
 
 
 def remaining_text(final_text: str, streamed: str) -> str:
@@ -384,8 +378,11 @@ class Generator:
         return self.run_batch(prompts, max_new_tokens, sampling).tokens
 
     # --- scoring -------------------------------------------------------------------------------
-    def score(self, ids: list[int], top_k: int = 0) -> ScoreResult:
+    def score(self, ids: list[int], top_k: int = 0, *,
+              turn: Callable[[], AbstractContextManager] = nullcontext) -> ScoreResult:
         """Logits (``top_k == 0``) or the top-k log-probabilities at every position of ``ids``.
+
+        Only the forward runs inside ``turn()`` (a server's backend lock); scoring runs outside.
 
         Raises:
             InvalidInput: empty sequence, ids outside the vocabulary, top_k out of [0, vocab_size].
@@ -393,8 +390,9 @@ class Generator:
         """
         self.check_score(ids, top_k)
         s = len(ids)
-        out = self.backend.forward(np.asarray([ids], dtype=np.int64), np.ones((1, s), dtype=np.int64),
-                                   np.arange(s, dtype=np.int64)[None, :])
+        with turn():
+            out = self.backend.forward(np.asarray([ids], dtype=np.int64), np.ones((1, s), dtype=np.int64),
+                                       np.arange(s, dtype=np.int64)[None, :])
         return score_logits(out.logits[0], ids, top_k)
 
     def check_score(self, ids: list[int], top_k: int) -> None:

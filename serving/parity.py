@@ -36,9 +36,6 @@ DEFAULT_CANARY_PROMPTS: list[str] = [
     "def fibonacci(n):\n    ",
 ]
 
-# Manifest precision names that differ from their tolerance preset's name.
-_PRECISION_ALIASES = {"fp32-ort-fused": "ort-fused"}
-
 
 @dataclass
 class ParityReport(ComparisonReport):
@@ -90,7 +87,6 @@ def tolerance_for_backend(bundle: Bundle, backend_name: str, device: str = "cpu"
     use ``served_tolerance`` on the loaded backend.
     """
     precision = bundle.manifest.precision
-    precision = _PRECISION_ALIASES.get(precision, precision)
     if precision == "fp32" and device.startswith("cuda"):
         precision = "tf32"
     return tolerance_for(precision)
@@ -338,7 +334,7 @@ class ShadowParity:
 
     def check(self, prompt_ids: list[int], generated_ids: list[int],
               greedy: bool = True) -> ParityReport | None:
-        """One shadow check, synchronously (what the worker runs). None when skipped.
+        """One shadow check, synchronously (what the worker runs).
 
         ``greedy`` does not matter for a teacher-forced check (sampled tokens are fed the same way).
         """

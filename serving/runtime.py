@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from export.compare import Tolerance
+from export.contract import left_padded_positions
 from export.manifest import Bundle
 from serving.backends.base import Backend
 from serving.errors import OutOfRange, Unavailable
@@ -39,8 +40,6 @@ from serving.generation import (
     Generator,
     ScoreResult,
     TokenEvent,
-    left_padded_positions,
-    score_logits,
 )
 from serving.metrics import ServerMetrics
 from serving.tokenizer import Tokenizer
@@ -350,13 +349,8 @@ class ModelRuntime:
         if top_k == 0:
             self._check_response_size(len(ids) * self.bundle.dims.vocab_size * 4, "Score logits",
                                       "ask for top_k > 0 instead of the full logits")
-        s = len(ids)
         with self._admitted():
-            with self._backend_turn():
-                logits = self.backend.forward(np.asarray([ids], dtype=np.int64),
-                                              np.ones((1, s), dtype=np.int64),
-                                              np.arange(s, dtype=np.int64)[None, :]).logits[0]  # (S, V)
-        return score_logits(logits, ids, top_k)
+            return generator.score(ids, top_k, turn=self._backend_turn)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
         """Logits (B, S, V) float32 of one forward without a past (KServe's single forward).

@@ -28,10 +28,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from export.manifest import Bundle
+from export.deps import MissingDependencyError
+from export.manifest import Bundle, BundleError
 from serving.backends import backend_options, create_backend
 from serving.backends.base import Backend
-from serving.errors import Cancelled
+from serving.errors import Cancelled, ServingError
 from serving.grpc_errors import ErrorInterceptor
 from serving.kserve import KServeServicer
 from serving.metrics import ServerMetrics
@@ -347,16 +348,9 @@ def serve(opts: ServeOptions) -> int:
         except ParityRefused as e:
             log.error("%s", e)
             return EXIT_PARITY
-        except Exception as e:  # noqa: BLE001 - startup errors become a message and an exit code
-            from export.deps import MissingDependencyError
-            from export.manifest import BundleError
-            from serving.errors import ServingError
-
-            if isinstance(e, (ValueError, OSError, RuntimeError, BundleError, MissingDependencyError,
-                              ServingError)):
-                log.error("cannot start: %s", e)
-                return EXIT_STARTUP
-            raise
+        except (ValueError, OSError, RuntimeError, BundleError, MissingDependencyError, ServingError) as e:
+            log.error("cannot start: %s", e)  # startup errors become a message and an exit code
+            return EXIT_STARTUP
         extra = f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""
         log.info("serving %s with %s on %s%s; SIGTERM or Ctrl-C stops", running.runtime.name,
                  running.runtime.backend.name, running.address, extra)

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 
 from export.deps import require
+from export.manifest import REFERENCE_DIR
+from export.sources import ATTN_IMPLEMENTATION
 from serving.backends.base import Backend, KVCache, StepOutput, parse_device
 from serving.errors import BackendUnavailable
-
-REFERENCE_DIR = "reference"
-DEFAULT_ATTN = "sdpa"  # what export.sources uses when the manifest does not say
 
 
 class TorchKVCache(KVCache):
@@ -62,7 +61,7 @@ class TorchBackend(Backend):
             raise BackendUnavailable(f"{ref} holds no PyTorch checkpoint; re-export the bundle with "
                                      "the reference checkpoint (export_bundle(..., reference=True))")
         attn = self.options.extra.get("attn_implementation") or \
-            self.bundle.manifest.export.get("attn_implementation") or DEFAULT_ATTN
+            self.bundle.manifest.export.get("attn_implementation") or ATTN_IMPLEMENTATION
         if self.options.threads:
             torch.set_num_threads(int(self.options.threads))
         tf_logging = transformers.utils.logging
