@@ -389,7 +389,7 @@ class TensorRTBackend(Backend):
         }
         self._logits = buf(LOGITS, b * s * c.vocab_size)
         self._kv_bytes = b * c.n_head * t * c.head_dim * self._dtypes[c.past_names[0]].itemsize
-        self._max_slots = int(self.options.extra.get("kv_slots", 2))
+        self._max_slots = self.max_concurrent_caches
         self._slots.append(_KVSlot(0, len(c.past_names), self._kv_bytes))
 
     # --- the step -----------------------------------------------------------------------------------
