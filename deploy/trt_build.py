@@ -214,7 +214,6 @@ class BuildPlan:
             strongly_typed=strongly_typed,
         )
 
-
     def trtexec_steps(self, trt_major: int = 10) -> list[list[str]]:
         """The commands equivalent to this build with TensorRT ``trt_major``'s trtexec, in order.
 
@@ -278,17 +277,22 @@ def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
     cache = options.timing_cache or bundle.root / ENGINES_DIR / f"{name}.timing.cache"
     notes = []
     if options.max_context is not None and options.max_context > limits.max_context:
-        notes.append(f"--max-context {options.max_context} is more than the model's "
-                     f"{bundle.dims.n_positions} positions: clipped to {limits.max_context}")
+        notes.append(
+            f"--max-context {options.max_context} is more than the model's "
+            f"{bundle.dims.n_positions} positions: clipped to {limits.max_context}"
+        )
     if options.max_prompt is not None and options.max_prompt > limits.max_prompt:
-        notes.append(f"--max-prompt {options.max_prompt} is more than the max context: clipped to "
-                     f"{limits.max_prompt}")
+        notes.append(
+            f"--max-prompt {options.max_prompt} is more than the max context: clipped to {limits.max_prompt}"
+        )
     engine_precision = precision
     if bundle_precision == "fp16" and precision == "fp32":
         engine_precision = "fp16"
-        notes.append("the bundle's graph is fp16 (its weights and matmuls carry fp16 types), so this fp32 "
-                     "build computes in fp16 and is recorded as fp16; export an fp32 bundle for an fp32 "
-                     "engine")
+        notes.append(
+            "the bundle's graph is fp16 (its weights and matmuls carry fp16 types), so this fp32 "
+            "build computes in fp16 and is recorded as fp16; export an fp32 bundle for an fp32 "
+            "engine"
+        )
     elif bundle_precision not in ("fp32", precision):
         notes.append(f"the bundle's graph is {bundle_precision}; building {precision} from it")
     return BuildPlan(
@@ -495,8 +499,10 @@ def _load_timing_cache(config: Any, path: Path, notes: list[str]) -> bool:
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        notes.append(f"timing cache {path} was made on another device/version; started an empty one "
-                     "(the file is overwritten with this build's)")
+        notes.append(
+            f"timing cache {path} was made on another device/version; started an empty one "
+            "(the file is overwritten with this build's)"
+        )
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
         return False
@@ -582,8 +588,10 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
             if not fp32_layers.get("normalization"):
                 notes.append("no normalization layer found to keep in fp32 (LayerNorm decomposed?)")
             if fp32_layers.get("unmatched_onnx_names"):
-                notes.append(f"{fp32_layers['unmatched_onnx_names']} ONNX node(s) to keep in fp32 had no "
-                             "TensorRT layer of the same name (not pinned)")
+                notes.append(
+                    f"{fp32_layers['unmatched_onnx_names']} ONNX node(s) to keep in fp32 had no "
+                    "TensorRT layer of the same name (not pinned)"
+                )
         for i, spec in enumerate(plan.profiles):
             profile = builder.create_optimization_profile()
             for name, (lo, opt, hi) in spec.shapes.items():

@@ -27,8 +27,14 @@ from export.variants import PRECISIONS
 
 # Errors that are the user's to fix: their message says it all, no captured output or traceback.
 # (Not every ValueError: one raised by a bug inside a library must keep its traceback.)
-USER_ERRORS = (SourceError, ValidationError, BundleError, FileExistsError, MissingDependencyError,
-               OptionsError)
+USER_ERRORS = (
+    SourceError,
+    ValidationError,
+    BundleError,
+    FileExistsError,
+    MissingDependencyError,
+    OptionsError,
+)
 MODEL_FILE = "model.onnx"
 
 
@@ -70,8 +76,9 @@ class ExportOptions:
     def check(self) -> None:
         """Raise OptionsError for an unsupported precision."""
         if self.precision not in PRECISIONS:
-            raise OptionsError(f"precision {self.precision!r} is not supported; choose one of "
-                             f"{', '.join(PRECISIONS)}")
+            raise OptionsError(
+                f"precision {self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}"
+            )
 
 
 class Progress:
@@ -161,17 +168,21 @@ def _check_out_dir(out: Path) -> None:
         return
     manifest = out / MANIFEST_FILE
     if not manifest.is_file():
-        raise FileExistsError(f"--out {out} exists, is not empty and is not a gpt2-deploy "
-                              f"bundle ({len(entries)} entries, no {MANIFEST_FILE}); choose an empty "
-                              "or new directory")
+        raise FileExistsError(
+            f"--out {out} exists, is not empty and is not a gpt2-deploy "
+            f"bundle ({len(entries)} entries, no {MANIFEST_FILE}); choose an empty "
+            "or new directory"
+        )
     try:
         schema = json.loads(manifest.read_text(encoding="utf-8")).get("schema")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         schema = f"unreadable ({type(e).__name__})"
     if schema != SCHEMA:
-        raise FileExistsError(f"--out {out} exists and is not a gpt2-deploy bundle: its {MANIFEST_FILE} "
-                              f"has schema {schema!r}, a bundle's is {SCHEMA!r} ({len(entries)} entries); "
-                              "nothing was changed there; choose an empty or new directory")
+        raise FileExistsError(
+            f"--out {out} exists and is not a gpt2-deploy bundle: its {MANIFEST_FILE} "
+            f"has schema {schema!r}, a bundle's is {SCHEMA!r} ({len(entries)} entries); "
+            "nothing was changed there; choose an empty or new directory"
+        )
 
 
 def _sibling(out: Path, kind: str) -> Path:
@@ -236,11 +247,14 @@ def export_bundle(opts: ExportOptions) -> Bundle:
     try:
         staging = out / ".staging"
         with progress.step("exporting fp32 ONNX (torch dynamo exporter)"):
-            fp32_path = export_onnx(loaded.model, staging / MODEL_FILE, opset=opts.opset,
-                                    external_data=opts.external_data)
+            fp32_path = export_onnx(
+                loaded.model, staging / MODEL_FILE, opset=opts.opset, external_data=opts.external_data
+            )
         refs = None
-        with progress.step("writing config, tokenizer, reference checkpoint"
-                           + (" and PyTorch reference outputs" if opts.validate else "")):
+        with progress.step(
+            "writing config, tokenizer, reference checkpoint"
+            + (" and PyTorch reference outputs" if opts.validate else "")
+        ):
             config.save_pretrained(out)
             loaded.tokenizer.save_pretrained(out)
             if loaded.kind == "preset":  # the embedded tokenizer travels with its licence note
@@ -257,8 +271,9 @@ def export_bundle(opts: ExportOptions) -> Bundle:
 
         with progress.step(f"writing the {opts.precision} variant"):
             model_path = out / MODEL_FILE
-            variant = variants.make_variant(fp32_path, model_path, opts.precision,
-                                            per_channel=opts.int8_per_channel, consume=True)
+            variant = variants.make_variant(
+                fp32_path, model_path, opts.precision, per_channel=opts.int8_per_channel, consume=True
+            )
         shutil.rmtree(staging)
 
         tolerance = tolerance_for(opts.precision)
@@ -296,8 +311,12 @@ def export_bundle(opts: ExportOptions) -> Bundle:
                     "external_data": any(r == "onnx-data" for r in roles.values()),
                     "reference_checkpoint": REFERENCE_DIR if opts.reference else None,
                     "attn_implementation": config._attn_implementation,
-                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                 "onnx": onnx.__version__, "onnxruntime": _ort_version()},
+                    "versions": {
+                        "torch": torch.__version__,
+                        "transformers": transformers.__version__,
+                        "onnx": onnx.__version__,
+                        "onnxruntime": _ort_version(),
+                    },
                     "variant": variant.to_json(),
                     "timings_s": progress.timings,
                 },
@@ -337,8 +356,14 @@ def _role(rel: str) -> str:
         return "onnx-data"
     if rel == "config.json":
         return "config"
-    if rel in ("tokenizer.json", "TOKENIZER-LICENSE", "vocab.json", "merges.txt", "tokenizer_config.json",
-               "special_tokens_map.json"):
+    if rel in (
+        "tokenizer.json",
+        "TOKENIZER-LICENSE",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
         return "tokenizer"
     return "other"
 
@@ -358,16 +383,35 @@ def describe(bundle: Bundle) -> str:
     size = sum(f.bytes for f in m.files.values())
     onnx_bytes = sum(f.bytes for f in m.files.values() if f.role in ("onnx", "onnx-data"))
     v = m.validation
-    val = ("skipped" if v.get("skipped") else
-           f"{'PASS' if v.get('passed') else 'FAIL'} max|Δlogits| {v.get('max_abs', float('nan')):.3g}, "
-           f"top-1 {v.get('top1_agreement', float('nan')):.2%} (preset {v.get('tolerance', {}).get('name')})")
+    val = (
+        "skipped"
+        if v.get("skipped")
+        else f"{'PASS' if v.get('passed') else 'FAIL'} max|Δlogits| {v.get('max_abs', float('nan')):.3g}, "
+        f"top-1 {v.get('top1_agreement', float('nan')):.2%} (preset {v.get('tolerance', {}).get('name')})"
+    )
     variant = m.export.get("variant", {})
-    return json.dumps({
-        "bundle": str(bundle.root), "name": m.name, "source": m.source, "precision": m.precision,
-        "n_layer": m.dims.n_layer, "n_head": m.dims.n_head, "n_embd": m.dims.n_embd,
-        "vocab_size": m.dims.vocab_size, "n_positions": m.dims.n_positions,
-        "model_file": m.model_file, "external_data": m.export.get("external_data"),
-        "onnx_bytes": onnx_bytes, "bytes": size, "files": len(m.files),
-        "opset": m.export.get("opset"), "nodes": variant.get("nodes_after"),
-        "fusions": variant.get("fusions"), "validation": val, "engines": len(m.engines),
-    }, indent=2, ensure_ascii=False)
+    return json.dumps(
+        {
+            "bundle": str(bundle.root),
+            "name": m.name,
+            "source": m.source,
+            "precision": m.precision,
+            "n_layer": m.dims.n_layer,
+            "n_head": m.dims.n_head,
+            "n_embd": m.dims.n_embd,
+            "vocab_size": m.dims.vocab_size,
+            "n_positions": m.dims.n_positions,
+            "model_file": m.model_file,
+            "external_data": m.export.get("external_data"),
+            "onnx_bytes": onnx_bytes,
+            "bytes": size,
+            "files": len(m.files),
+            "opset": m.export.get("opset"),
+            "nodes": variant.get("nodes_after"),
+            "fusions": variant.get("fusions"),
+            "validation": val,
+            "engines": len(m.engines),
+        },
+        indent=2,
+        ensure_ascii=False,
+    )

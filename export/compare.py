@@ -53,12 +53,21 @@ class Tolerance:
 PRECISION_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance("fp32", atol=1e-4, min_top1=1.0, note="same math, different kernels"),
     "ort-fused": Tolerance("ort-fused", atol=1e-4, min_top1=1.0, note="fused kernels, fp32"),
-    "fp16": Tolerance("fp16", atol=5e-2, min_top1=0.9, tie_margin=2e-2,
-                      note="fp16 weights/matmuls, fp32 LayerNorm/Softmax/residual/lm_head; "
-                           "measured 2.3e-3 (gpt2-124m) .. 4.0e-3 (gpt2-1.5b)"),
-    "int8": Tolerance("int8", atol=1.0, min_top1=0.75, tie_margin=0.5,
-                      note="dynamic int8 weight matmuls, fp32 lm_head; "
-                           "measured 8.5e-2 (gpt2-124m) .. 0.165 (gpt2-1.5b)"),
+    "fp16": Tolerance(
+        "fp16",
+        atol=5e-2,
+        min_top1=0.9,
+        tie_margin=2e-2,
+        note="fp16 weights/matmuls, fp32 LayerNorm/Softmax/residual/lm_head; "
+        "measured 2.3e-3 (gpt2-124m) .. 4.0e-3 (gpt2-1.5b)",
+    ),
+    "int8": Tolerance(
+        "int8",
+        atol=1.0,
+        min_top1=0.75,
+        tie_margin=0.5,
+        note="dynamic int8 weight matmuls, fp32 lm_head; measured 8.5e-2 (gpt2-124m) .. 0.165 (gpt2-1.5b)",
+    ),
     # GPU fp32 where TF32 math is on (ORT's CUDA EP, TensorRT's default): measured ~2e-3 on 124M.
     "tf32": Tolerance("tf32", atol=2e-2, min_top1=0.99, note="fp32 I/O with TF32 matmuls"),
     "bf16": Tolerance("bf16", atol=2.5e-1, min_top1=0.95, note="bf16 matmuls, fp32 norms"),
@@ -69,8 +78,9 @@ def tolerance_for(precision: str) -> Tolerance:
     try:
         return PRECISION_TOLERANCES[precision]
     except KeyError:
-        raise ValueError(f"no tolerance preset for precision {precision!r}; presets are: "
-                         f"{', '.join(PRECISION_TOLERANCES)}") from None
+        raise ValueError(
+            f"no tolerance preset for precision {precision!r}; presets are: {', '.join(PRECISION_TOLERANCES)}"
+        ) from None
 
 
 @dataclass
@@ -95,12 +105,15 @@ class CaseResult:
         fm = "" if self.first_mismatch is None else f", first argmax mismatch at {self.first_mismatch}"
         nan = "" if self.finite else ", NON-FINITE values"
         ties = f" ({self.near_tie_flips} near-tie)" if self.near_tie_flips else ""
-        return (f"[{mark}] {self.case}: max|Δ| {self.max_abs:.3g}, mean|Δ| {self.mean_abs:.3g}, "
-                f"top-1 {self.top1_agreement:.2%} of {self.positions}{fm}{ties}{nan}")
+        return (
+            f"[{mark}] {self.case}: max|Δ| {self.max_abs:.3g}, mean|Δ| {self.mean_abs:.3g}, "
+            f"top-1 {self.top1_agreement:.2%} of {self.positions}{fm}{ties}{nan}"
+        )
 
 
-def compare_logits(reference: np.ndarray, actual: np.ndarray, valid: np.ndarray | None,
-                   tolerance: Tolerance, case: str) -> CaseResult:
+def compare_logits(
+    reference: np.ndarray, actual: np.ndarray, valid: np.ndarray | None, tolerance: Tolerance, case: str
+) -> CaseResult:
     """Compare logits (..., V) at the positions where ``valid`` (shape ``...``) is true.
 
     Padded positions are excluded: with left padding the logits there are meaningless and differ
@@ -127,12 +140,20 @@ def compare_logits(reference: np.ndarray, actual: np.ndarray, valid: np.ndarray 
     mism = np.flatnonzero(~agree)
     # how much the reference prefers its own top-1 over the token the actual output picked
     margin = r.max(-1) - r[np.arange(r.shape[0]), chosen]
-    near_tie = (~agree & (margin <= tolerance.tie_margin) if tolerance.tie_margin > 0
-                else np.zeros_like(agree))
+    near_tie = ~agree & (margin <= tolerance.tie_margin) if tolerance.tie_margin > 0 else np.zeros_like(agree)
     counted_top1 = float((agree | near_tie).mean())
     passed = finite and max_abs <= tolerance.atol and counted_top1 >= tolerance.min_top1
-    return CaseResult(case, max_abs, mean_abs, top1, int(r.shape[0]),
-                      int(mism[0]) if mism.size else None, passed, finite, int(near_tie.sum()))
+    return CaseResult(
+        case,
+        max_abs,
+        mean_abs,
+        top1,
+        int(r.shape[0]),
+        int(mism[0]) if mism.size else None,
+        passed,
+        finite,
+        int(near_tie.sum()),
+    )
 
 
 @dataclass
@@ -159,8 +180,10 @@ class ComparisonReport:
     def __str__(self) -> str:
         t = self.tolerance
         ties = f", flips of near-ties <= {t.tie_margin:g} allowed" if t.tie_margin else ""
-        head = (f"{self.title}: {'PASS' if self else 'FAIL'} (tolerance {t.name}: "
-                f"max|Δ| <= {t.atol:g}, top-1 >= {t.min_top1:.0%}{ties})")
+        head = (
+            f"{self.title}: {'PASS' if self else 'FAIL'} (tolerance {t.name}: "
+            f"max|Δ| <= {t.atol:g}, top-1 >= {t.min_top1:.0%}{ties})"
+        )
         lines = [head, *(f"  {c}" for c in self.cases), *(f"  [ERROR] {e}" for e in self.errors)]
         if self.cases:
             lines.append(f"  overall: max|Δ| {self.max_abs:.3g}, top-1 {self.top1_agreement:.2%}")

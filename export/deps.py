@@ -28,10 +28,12 @@ def require(module: str) -> ModuleType:
     except ImportError as e:
         top = module.split(".")[0]
         extra, what = _EXTRAS.get(top, (None, top))
-        hint = (f"install it with: pip install 'gpt2-deploy[{extra}]'" if extra
-                else f"install the '{top}' package")
-        raise MissingDependencyError(f"{what} is required here but cannot be imported "
-                                     f"({e}); {hint}") from e
+        hint = (
+            f"install it with: pip install 'gpt2-deploy[{extra}]'"
+            if extra
+            else f"install the '{top}' package"
+        )
+        raise MissingDependencyError(f"{what} is required here but cannot be imported ({e}); {hint}") from e
 
 
 def available(module: str) -> bool:

@@ -183,24 +183,41 @@ class Bundle:
         """
         root = Path(path)
         if not root.is_dir():
-            raise BundleError(root, ["the directory does not exist" if not root.exists()
-                                     else "it is a file, not a bundle directory"])
+            raise BundleError(
+                root,
+                [
+                    "the directory does not exist"
+                    if not root.exists()
+                    else "it is a file, not a bundle directory"
+                ],
+            )
         mpath = root / MANIFEST_FILE
         if not mpath.is_file():
             present = sorted(p.name for p in root.iterdir())[:10]
-            raise BundleError(root, [f"no {MANIFEST_FILE} (found: {present or 'nothing'}); "
-                                     "create a bundle with `gpt2-deploy export`"])
+            raise BundleError(
+                root,
+                [
+                    f"no {MANIFEST_FILE} (found: {present or 'nothing'}); "
+                    "create a bundle with `gpt2-deploy export`"
+                ],
+            )
         try:
             raw = json.loads(mpath.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(root, [f"{MANIFEST_FILE} is not valid JSON: {e}"]) from None
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             seen = raw.get("schema") if isinstance(raw, dict) else type(raw).__name__
-            raise BundleError(root, [f"{MANIFEST_FILE} has schema {seen!r}, expected {SCHEMA!r} "
-                                     "(a foreign directory?)"])
+            raise BundleError(
+                root, [f"{MANIFEST_FILE} has schema {seen!r}, expected {SCHEMA!r} (a foreign directory?)"]
+            )
         if raw.get("schema_version") != SCHEMA_VERSION:
-            raise BundleError(root, [f"schema_version {raw.get('schema_version')!r} is not "
-                                     f"supported; this gpt2-deploy reads version {SCHEMA_VERSION}"])
+            raise BundleError(
+                root,
+                [
+                    f"schema_version {raw.get('schema_version')!r} is not "
+                    f"supported; this gpt2-deploy reads version {SCHEMA_VERSION}"
+                ],
+            )
         try:
             manifest = Manifest.from_json(raw)
         except (KeyError, TypeError, ValueError) as e:
@@ -218,8 +235,10 @@ class Bundle:
             if size != entry.bytes:
                 problems.append(f"{rel}: size is {size} bytes, manifest says {entry.bytes}")
             elif verify_hashes and (digest := sha256_file(p)) != entry.sha256:
-                problems.append(f"{rel}: sha256 is {digest[:16]}..., manifest says "
-                                f"{entry.sha256[:16]}... (modified after export?)")
+                problems.append(
+                    f"{rel}: sha256 is {digest[:16]}..., manifest says "
+                    f"{entry.sha256[:16]}... (modified after export?)"
+                )
         if problems:
             raise BundleError(root, problems)
         return cls(root, manifest)

@@ -48,10 +48,11 @@ def flat_kv_decoder(model: Any) -> Any:
         def forward(self, input_ids, attention_mask, position_ids, *past):
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
             logits, present = forward_with_cache(
-                self.model, pairs,
-                input_ids=input_ids,            # (B, S)
+                self.model,
+                pairs,
+                input_ids=input_ids,  # (B, S)
                 attention_mask=attention_mask,  # (B, P + S)
-                position_ids=position_ids,      # (B, S)
+                position_ids=position_ids,  # (B, S)
             )
             return (logits, *[t for kv in present for t in kv])  # (B, S, V), (B, nh, P + S, hs)...
 
@@ -65,8 +66,9 @@ def example_inputs(contract: IOContract, batch: int = 2, seq: int = 3, past: int
     ids = torch.randint(0, contract.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    kv = [torch.randn(batch, contract.n_head, past, contract.head_dim, generator=g)
-          for _ in contract.past_names]
+    kv = [
+        torch.randn(batch, contract.n_head, past, contract.head_dim, generator=g) for _ in contract.past_names
+    ]
     return (ids, mask, pos, *kv)
 
 
@@ -76,8 +78,9 @@ def estimated_onnx_bytes(model: Any) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                external_data: bool | None = None) -> Path:
+def export_onnx(
+    model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, external_data: bool | None = None
+) -> Path:
     """Export ``model`` (a GPT2LMHeadModel) to ``path`` following the I/O contract.
 
     Args:
@@ -93,8 +96,10 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
     """
     torch = require("torch")
     if opset < 18:
-        raise OptionsError(f"opset {opset} is not supported: the dynamo exporter needs opset >= 18 "
-                         "(a down-converted opset-17 graph is rejected by ONNX Runtime)")
+        raise OptionsError(
+            f"opset {opset} is not supported: the dynamo exporter needs opset >= 18 "
+            "(a down-converted opset-17 graph is rejected by ONNX Runtime)"
+        )
     contract = IOContract.for_config(model.config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +107,11 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
     if external_data is None:
         external_data = size > EXTERNAL_DATA_THRESHOLD
     elif not external_data and size >= PROTOBUF_LIMIT:
-        raise OptionsError(f"--no-external-data: the weights are {size / 2**30:.1f} GiB and one ONNX file "
-                           "(a protobuf) cannot exceed 2 GiB; drop --no-external-data (the weights then go "
-                           "to model.onnx.data beside the graph)")
+        raise OptionsError(
+            f"--no-external-data: the weights are {size / 2**30:.1f} GiB and one ONNX file "
+            "(a protobuf) cannot exceed 2 GiB; drop --no-external-data (the weights then go "
+            "to model.onnx.data beside the graph)"
+        )
 
     Dim = torch.export.Dim
     batch, seq, past, total = Dim(C.BATCH), Dim(C.SEQ), Dim(C.PAST), Dim(C.TOTAL)
@@ -116,9 +123,15 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
         # another axis: seq" - the exporter renaming an axis to itself; nothing to act on
         warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used", category=UserWarning)
         program = torch.onnx.export(
-            flat_kv_decoder(model), example_inputs(contract), dynamo=True, opset_version=opset,
-            input_names=contract.input_names, output_names=contract.output_names,
-            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            flat_kv_decoder(model),
+            example_inputs(contract),
+            dynamo=True,
+            opset_version=opset,
+            input_names=contract.input_names,
+            output_names=contract.output_names,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
         )
     program.save(str(path), external_data=external_data)
     _postprocess(path, contract)
@@ -144,8 +157,9 @@ def _postprocess(path: Path, contract: IOContract) -> None:
             return
         a = numpy_helper.to_array(t)
         if a.size <= 16 and np.any(a < limit):
-            t.CopyFrom(numpy_helper.from_array(
-                np.where(a < limit, MASK_FILL_VALUE, a).astype(np.float32), t.name))
+            t.CopyFrom(
+                numpy_helper.from_array(np.where(a < limit, MASK_FILL_VALUE, a).astype(np.float32), t.name)
+            )
 
     for init in m.graph.initializer:
         make_finite(init)

@@ -42,8 +42,10 @@ class SourceError(ValueError):
 
 
 def _accepted() -> str:
-    return (f"presets (no download): {', '.join(PRESETS)}; hub names: {', '.join(HUB_NAMES)}; "
-            "or a local Hugging Face directory with config.json and weights")
+    return (
+        f"presets (no download): {', '.join(PRESETS)}; hub names: {', '.join(HUB_NAMES)}; "
+        "or a local Hugging Face directory with config.json and weights"
+    )
 
 
 @dataclass
@@ -65,8 +67,13 @@ def preset_config(name: str) -> Any:
     transformers = require("transformers")
     n_layer, n_embd, n_head, n_positions = PRESETS[name]
     return transformers.GPT2Config(
-        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-        vocab_size=GPT2_VOCAB, bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        vocab_size=GPT2_VOCAB,
+        bos_token_id=GPT2_VOCAB - 1,
+        eos_token_id=GPT2_VOCAB - 1,
     )
 
 
@@ -127,21 +134,26 @@ def load_source(model: str, seed: int = 0) -> LoadedModel:
 
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise SourceError(f"{path} has no config.json, so it is not a Hugging Face checkpoint "
-                              f"directory. --model accepts {_accepted()}")
+            raise SourceError(
+                f"{path} has no config.json, so it is not a Hugging Face checkpoint "
+                f"directory. --model accepts {_accepted()}"
+            )
         with _load_errors(f"{path}"):
             config = transformers.AutoConfig.from_pretrained(path)
             _check_gpt2(config, str(path))
             m = transformers.GPT2LMHeadModel.from_pretrained(
-                path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
+                path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+            )
             has_tok = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
             if has_tok:
                 tok = transformers.GPT2TokenizerFast.from_pretrained(path)
             elif config.vocab_size == GPT2_VOCAB:
                 tok = embedded_tokenizer()
             else:
-                raise SourceError(f"{path} has no tokenizer files and a vocabulary of "
-                                  f"{config.vocab_size} (not GPT-2's {GPT2_VOCAB}); add tokenizer.json")
+                raise SourceError(
+                    f"{path} has no tokenizer files and a vocabulary of "
+                    f"{config.vocab_size} (not GPT-2's {GPT2_VOCAB}); add tokenizer.json"
+                )
         return LoadedModel(m.eval(), tok, path.resolve().name, "local", str(path))
 
     if _looks_like_path(model):
@@ -160,28 +172,32 @@ def load_source(model: str, seed: int = 0) -> LoadedModel:
                     raise SourceError(
                         f"{model!r} is a hub name, but the model hub cannot be reached from here and "
                         f"the model is not in the local cache. Use a local directory holding the "
-                        f"checkpoint, or a preset: {', '.join(PRESETS)}") from None
+                        f"checkpoint, or a preset: {', '.join(PRESETS)}"
+                    ) from None
                 config = transformers.AutoConfig.from_pretrained(model)
                 _check_gpt2(config, model)
                 m = transformers.GPT2LMHeadModel.from_pretrained(model, **kw)
                 tok = transformers.GPT2TokenizerFast.from_pretrained(model)
         return LoadedModel(m.eval(), tok, model.replace("/", "--"), "hub", model)
 
-    raise SourceError(f"--model {model!r} is not a preset, a hub name or an existing directory. "
-                      f"--model accepts {_accepted()}")
+    raise SourceError(
+        f"--model {model!r} is not a preset, a hub name or an existing directory. "
+        f"--model accepts {_accepted()}"
+    )
 
 
 def _looks_like_path(model: str) -> bool:
     """A filesystem path rather than a hub id: starts with '.', '/' or '~', or holds a path
     separator a hub id cannot (a hub id is ``owner/name``: one '/', no '\\' on Windows)."""
-    return (model.startswith((".", "/", "~")) or model.count("/") > 1
-            or (os.sep != "/" and os.sep in model))
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
 
 
 def _check_gpt2(config: Any, where: str) -> None:
     if config.model_type != "gpt2":
-        raise SourceError(f"{where} holds a {config.model_type!r} model; only 'gpt2' is supported. "
-                          f"--model accepts {_accepted()}")
+        raise SourceError(
+            f"{where} holds a {config.model_type!r} model; only 'gpt2' is supported. "
+            f"--model accepts {_accepted()}"
+        )
 
 
 @contextmanager
@@ -196,5 +212,6 @@ def _load_errors(what: str) -> Iterator[None]:
         detail = " ".join(str(e).split())
         if len(detail) > 400:
             detail = detail[:400] + " ..."
-        raise SourceError(f"cannot load {what}: {type(e).__name__}: {detail}. "
-                          f"--model accepts {_accepted()}") from None
+        raise SourceError(
+            f"cannot load {what}: {type(e).__name__}: {detail}. --model accepts {_accepted()}"
+        ) from None

@@ -103,14 +103,18 @@ def check_graph(onnx_path: Path, contract: IOContract) -> list[str]:
     except Exception as e:  # noqa: BLE001 - the checker raises several types; report them all
         problems.append(f"onnx checker: {type(e).__name__}: {e}")
     m = onnx.load(str(onnx_path), load_external_data=False)
-    for kind, got, want in (("inputs", [i.name for i in m.graph.input], contract.input_names),
-                            ("outputs", [o.name for o in m.graph.output], contract.output_names)):
+    for kind, got, want in (
+        ("inputs", [i.name for i in m.graph.input], contract.input_names),
+        ("outputs", [o.name for o in m.graph.output], contract.output_names),
+    ):
         if got != want:
             missing = [n for n in want if n not in got]
             extra = [n for n in got if n not in want]
-            problems.append(f"graph {kind} differ from the contract: missing {missing}, "
-                            f"unexpected {extra}" if (missing or extra)
-                            else f"graph {kind} are in a different order than the contract")
+            problems.append(
+                f"graph {kind} differ from the contract: missing {missing}, unexpected {extra}"
+                if (missing or extra)
+                else f"graph {kind} are in a different order than the contract"
+            )
     for vi in (*m.graph.input, *m.graph.output):
         try:
             spec = contract.spec(vi.name)
@@ -118,16 +122,23 @@ def check_graph(onnx_path: Path, contract: IOContract) -> list[str]:
             continue
         dims = tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
         if len(dims) != len(spec.shape):
-            problems.append(f"{vi.name}: rank {len(dims)}, contract says {len(spec.shape)} "
-                            f"{list(spec.shape)}")
+            problems.append(
+                f"{vi.name}: rank {len(dims)}, contract says {len(spec.shape)} {list(spec.shape)}"
+            )
         elif any(isinstance(w, int) and g != w for g, w in zip(dims, spec.shape)):
             problems.append(f"{vi.name}: shape {list(dims)}, contract says {list(spec.shape)}")
     return problems
 
 
-def validate_export(onnx_path: str | Path, model: Any, tolerance: Tolerance, *,
-                    cases: tuple[Case, ...] = DEFAULT_CASES, providers: list[str] | None = None,
-                    raise_on_failure: bool = True) -> ComparisonReport:
+def validate_export(
+    onnx_path: str | Path,
+    model: Any,
+    tolerance: Tolerance,
+    *,
+    cases: tuple[Case, ...] = DEFAULT_CASES,
+    providers: list[str] | None = None,
+    raise_on_failure: bool = True,
+) -> ComparisonReport:
     """Validate the graph at ``onnx_path`` against ``model`` (names -> shapes -> values).
 
     Args:
@@ -172,18 +183,20 @@ def validate_export(onnx_path: str | Path, model: Any, tolerance: Tolerance, *,
         ref = refs.outputs[i] if refs else reference_outputs(model, feeds, contract)
         shape_errors = [
             f"{case.name}: {name} shape {list(g.shape)}, expected {list(r.shape)}"
-            for name, g, r in zip(contract.output_names, got, ref) if g.shape != r.shape
+            for name, g, r in zip(contract.output_names, got, ref)
+            if g.shape != r.shape
         ]
         if shape_errors:
             report.errors.extend(shape_errors)
             continue
-        valid = feeds["attention_mask"][:, case.past:].astype(bool)  # (B, S): unpadded positions
+        valid = feeds["attention_mask"][:, case.past :].astype(bool)  # (B, S): unpadded positions
         report.cases.append(compare_logits(ref[0], got[0], valid, tolerance, f"{case.name} {LOGITS}"))
         # present must equal past followed by the new keys/values (the cache the next step reads),
         # at unpadded positions: keys/values of padding are never attended to and may differ
         kv_valid = feeds["attention_mask"].astype(bool)  # (B, P + S)
-        kv_err = max(float(np.abs(g - r).transpose(0, 2, 1, 3)[kv_valid].max())
-                     for g, r in zip(got[1:], ref[1:]))
+        kv_err = max(
+            float(np.abs(g - r).transpose(0, 2, 1, 3)[kv_valid].max()) for g, r in zip(got[1:], ref[1:])
+        )
         if not np.isfinite(kv_err) or kv_err > max(tolerance.atol, 1e-3) * 10:
             report.errors.append(f"{case.name}: present KV differs from the reference by {kv_err:.3g}")
     if raise_on_failure and not report:

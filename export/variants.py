@@ -47,11 +47,18 @@ class VariantInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        changed = {op: [self.ops_before.get(op, 0), self.ops_after.get(op, 0)]
-                   for op in sorted(set(self.ops_before) | set(self.ops_after))
-                   if self.ops_before.get(op, 0) != self.ops_after.get(op, 0)}
-        return {"precision": self.precision, "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after, "ops_changed_before_after": changed, **self.details}
+        changed = {
+            op: [self.ops_before.get(op, 0), self.ops_after.get(op, 0)]
+            for op in sorted(set(self.ops_before) | set(self.ops_after))
+            if self.ops_before.get(op, 0) != self.ops_after.get(op, 0)
+        }
+        return {
+            "precision": self.precision,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "ops_changed_before_after": changed,
+            **self.details,
+        }
 
 
 # --- file helpers ----------------------------------------------------------------------------------
@@ -60,9 +67,11 @@ def external_locations(path: str | Path) -> set[str]:
     onnx = require("onnx")
     m = onnx.load(str(path), load_external_data=False)
     return {
-        e.value for init in m.graph.initializer
+        e.value
+        for init in m.graph.initializer
         if init.data_location == onnx.TensorProto.EXTERNAL
-        for e in init.external_data if e.key == "location"
+        for e in init.external_data
+        if e.key == "location"
     }
 
 
@@ -106,8 +115,14 @@ def save_model(model: Any, path: str | Path, *, external: bool) -> Path:
     if data.exists():
         data.unlink()  # onnx appends to an existing data file
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=EXTERNAL_SIZE_THRESHOLD)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=EXTERNAL_SIZE_THRESHOLD,
+        )
     else:
         onnx.save_model(model, str(path))
     return path
@@ -143,8 +158,12 @@ def residual_adds(graph: Any) -> list[str]:
 
     def is_embedding(name: str) -> bool:
         p = prod.get(name)
-        return (p is not None and p.op_type == "Gather" and p.input[0] in inits
-                and len(inits[p.input[0]].dims) == 2)
+        return (
+            p is not None
+            and p.op_type == "Gather"
+            and p.input[0] in inits
+            and len(inits[p.input[0]].dims) == 2
+        )
 
     stream: set[str] = set()
     names = []
@@ -174,8 +193,10 @@ def lm_head_path(graph: Any, logits: str = LOGITS) -> list[Any]:
         path.append(node)
         node = prod.get(node.input[0])
     if node is None or node.op_type not in ("MatMul", "Gemm"):
-        raise ValueError(f"cannot find the lm_head MatMul/Gemm producing {logits!r} "
-                         f"(found {node.op_type if node is not None else 'a graph input'})")
+        raise ValueError(
+            f"cannot find the lm_head MatMul/Gemm producing {logits!r} "
+            f"(found {node.op_type if node is not None else 'a graph input'})"
+        )
     path.append(node)
     node = prod.get(node.input[0])
     while node is not None and node.op_type in ("Reshape", "Identity", "Flatten"):
@@ -191,9 +212,11 @@ def fp32_node_names(graph: Any) -> dict[str, list[str]]:
     (``residual_adds``); ``lm_head``: ``lm_head_path``. Used by ``to_fp16`` and by the TensorRT
     builder (whose ONNX parser names layers after these nodes) alike.
     """
-    return {"ops": [n.name for n in graph.node if n.op_type in FP32_OPS and n.name],
-            "residual_adds": residual_adds(graph),
-            "lm_head": [n.name for n in lm_head_path(graph) if n.name]}
+    return {
+        "ops": [n.name for n in graph.node if n.op_type in FP32_OPS and n.name],
+        "residual_adds": residual_adds(graph),
+        "lm_head": [n.name for n in lm_head_path(graph) if n.name],
+    }
 
 
 def gemm_to_matmul(model: Any) -> int:
@@ -208,8 +231,12 @@ def gemm_to_matmul(model: Any) -> int:
     nodes, n = [], 0
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = (attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 0
-                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
+        plain = (
+            attrs.get("transA", 0) == 0
+            and attrs.get("transB", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+        )
         if node.op_type != "Gemm" or not plain:
             nodes.append(node)
             continue
@@ -217,8 +244,9 @@ def gemm_to_matmul(model: Any) -> int:
         if len(node.input) > 2 and node.input[2]:
             mm = f"{node.output[0]}_matmul"
             nodes.append(helper.make_node("MatMul", list(node.input[:2]), [mm], name=f"{node.name}_matmul"))
-            nodes.append(helper.make_node("Add", [mm, node.input[2]], [node.output[0]],
-                                          name=f"{node.name}_bias"))
+            nodes.append(
+                helper.make_node("Add", [mm, node.input[2]], [node.output[0]], name=f"{node.name}_bias")
+            )
         else:
             nodes.append(helper.make_node("MatMul", list(node.input[:2]), list(node.output), name=node.name))
     del model.graph.node[:]
@@ -295,8 +323,13 @@ def drop_round_trip_casts(model: Any) -> int:
         pair = None
         for up in model.graph.node:  # up: Y(fp16) -> Z(fp32), down: X(fp32) -> Y
             down = prod.get(up.input[0]) if up.op_type == "Cast" else None
-            if (up.name not in skipped and cast_to(up) == FLOAT and cast_to(down) == FLOAT16
-                    and types.get(down.input[0]) == FLOAT and down.input[0] not in inputs):
+            if (
+                up.name not in skipped
+                and cast_to(up) == FLOAT
+                and cast_to(down) == FLOAT16
+                and types.get(down.input[0]) == FLOAT
+                and down.input[0] not in inputs
+            ):
                 pair = (down, up)
                 break
         if pair is None:
@@ -339,14 +372,22 @@ def to_fp16(model: Any) -> dict[str, Any]:
     del model.graph.value_info[:]
     model.graph.value_info.extend(value_info)
     converted = convert_float_to_float16(
-        model, keep_io_types=True, disable_shape_infer=True,
-        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS], node_block_list=[*residual, *head_path])
+        model,
+        keep_io_types=True,
+        disable_shape_infer=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
+        node_block_list=[*residual, *head_path],
+    )
     if converted is not model:  # the converter edits in place and returns it; guard a change
         model.CopyFrom(converted)
     casts = drop_round_trip_casts(model)
     topological_sort(model.graph)  # the converter appends its Casts at the end of the node list
-    return {"fp32_ops": list(FP32_OPS), "fp32_residual_adds": len(residual), "fp32_lm_head": head_path,
-            "round_trip_casts_removed": casts}
+    return {
+        "fp32_ops": list(FP32_OPS),
+        "fp32_residual_adds": len(residual),
+        "fp32_lm_head": head_path,
+        "round_trip_casts_removed": casts,
+    }
 
 
 def int8_nodes(model: Any) -> list[str]:
@@ -360,8 +401,9 @@ def int8_nodes(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
-def make_variant(fp32_path: Path, out_path: Path, precision: str,
-                 *, per_channel: bool = False, consume: bool = False) -> VariantInfo:
+def make_variant(
+    fp32_path: Path, out_path: Path, precision: str, *, per_channel: bool = False, consume: bool = False
+) -> VariantInfo:
     """Write the ``precision`` variant of ``fp32_path`` to ``out_path``.
 
     External data is kept if the fp32 graph has it (``<out name>.data`` beside ``out_path``).
@@ -413,8 +455,14 @@ def make_variant(fp32_path: Path, out_path: Path, precision: str,
             rewritten.unlink(missing_ok=True)
         details["gemm_rewritten"] = gemms
     after = op_counts(onnx.load(str(out_path), load_external_data=False))
-    return VariantInfo(precision, sum(before.values()), sum(after.values()), before, after,
-                       {**details, "external_data": external})
+    return VariantInfo(
+        precision,
+        sum(before.values()),
+        sum(after.values()),
+        before,
+        after,
+        {**details, "external_data": external},
+    )
 
 
 def _fuse_for_ort(src: Path, out_path: Path, external: bool) -> dict[str, Any]:
@@ -433,19 +481,36 @@ def _fuse_for_ort(src: Path, out_path: Path, external: bool) -> dict[str, Any]:
     data = out_path.with_name(out_path.name + ".data")
     if data.exists():
         data.unlink()
-    ir.save(irm, str(out_path), external_data=data.name if external else None,
-            size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD)
-    return {"optimizer": "onnxscript.rewriter.ort_fusions.optimize_for_ort",
-            "fusions": {k: v for k, v in counts.items() if v}}
+    ir.save(
+        irm,
+        str(out_path),
+        external_data=data.name if external else None,
+        size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD,
+    )
+    return {
+        "optimizer": "onnxscript.rewriter.ort_fusions.optimize_for_ort",
+        "fusions": {k: v for k, v in counts.items() if v},
+    }
 
 
-def _quantize_int8(src: Path, nodes: list[str], out_path: Path, external: bool,
-                   per_channel: bool) -> dict[str, Any]:
+def _quantize_int8(
+    src: Path, nodes: list[str], out_path: Path, external: bool, per_channel: bool
+) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(src, out_path, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
-                     per_channel=per_channel, weight_type=QuantType.QInt8,
-                     use_external_data_format=external)
-    return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-            "per_channel": per_channel, "matmuls_quantized": len(nodes)}
+    quantize_dynamic(
+        src,
+        out_path,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=nodes,
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=external,
+    )
+    return {
+        "quantizer": "onnxruntime.quantization.quantize_dynamic",
+        "weight_type": "QInt8",
+        "per_channel": per_channel,
+        "matmuls_quantized": len(nodes),
+    }

@@ -78,8 +78,9 @@ class BenchResult:
     def row(self, backend: str, batch: int) -> BenchRow | None:
         return next((r for r in self.rows if r.backend == backend and r.batch == batch), None)
 
-    def ratios(self, slow: str | None = None, fast: str = "onnxruntime",
-               best: bool = False) -> dict[int, dict[str, float]]:
+    def ratios(
+        self, slow: str | None = None, fast: str = "onnxruntime", best: bool = False
+    ) -> dict[int, dict[str, float]]:
         """Per batch: how many times ``fast`` beats ``slow`` (default: the first backend, the
         baseline) in prefill and decode; medians or best runs."""
         slow = slow or self.backends()[0]
@@ -88,42 +89,56 @@ class BenchResult:
             s, f = self.row(slow, b), self.row(fast, b)
             if s and f:
                 if best:
-                    out[b] = {"prefill": s.prefill_ms_best / f.prefill_ms_best,
-                              "decode": s.decode_ms_per_step_best / f.decode_ms_per_step_best}
+                    out[b] = {
+                        "prefill": s.prefill_ms_best / f.prefill_ms_best,
+                        "decode": s.decode_ms_per_step_best / f.decode_ms_per_step_best,
+                    }
                 else:
-                    out[b] = {"prefill": s.prefill_ms / f.prefill_ms,
-                              "decode": s.decode_ms_per_step / f.decode_ms_per_step}
+                    out[b] = {
+                        "prefill": s.prefill_ms / f.prefill_ms,
+                        "decode": s.decode_ms_per_step / f.decode_ms_per_step,
+                    }
         return out
 
     def table(self) -> str:
-        lines = [f"| backend | B | prefill ms ({self.options['prompt_len']} tok) | decode ms/step | "
-                 "decode ms/token | tokens/s | best prefill ms | best decode ms/step |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = [
+            f"| backend | B | prefill ms ({self.options['prompt_len']} tok) | decode ms/step | "
+            "decode ms/token | tokens/s | best prefill ms | best decode ms/step |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
-            lines.append(f"| {r.backend} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_ms_per_step:.2f} | "
-                         f"{r.decode_ms_per_token:.2f} | {r.decode_tokens_per_s:.1f} | "
-                         f"{r.prefill_ms_best:.1f} | {r.decode_ms_per_step_best:.2f} |")
+            lines.append(
+                f"| {r.backend} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_ms_per_step:.2f} | "
+                f"{r.decode_ms_per_token:.2f} | {r.decode_tokens_per_s:.1f} | "
+                f"{r.prefill_ms_best:.1f} | {r.decode_ms_per_step_best:.2f} |"
+            )
         for fast in self.backends()[1:]:
             best = self.ratios(fast=fast, best=True)
             for b, rt in self.ratios(fast=fast).items():
-                lines.append(f"B={b}: {fast} vs {self.backends()[0]} (same run, interleaved): "
-                             f"prefill {rt['prefill']:.2f}x, "
-                             f"decode {rt['decode']:.2f}x faster (medians); best runs: prefill "
-                             f"{best[b]['prefill']:.2f}x, decode {best[b]['decode']:.2f}x")
+                lines.append(
+                    f"B={b}: {fast} vs {self.backends()[0]} (same run, interleaved): "
+                    f"prefill {rt['prefill']:.2f}x, "
+                    f"decode {rt['decode']:.2f}x faster (medians); best runs: prefill "
+                    f"{best[b]['prefill']:.2f}x, decode {best[b]['decode']:.2f}x"
+                )
         return "\n".join(lines)
 
     def backends(self) -> list[str]:
         return list(dict.fromkeys(r.backend for r in self.rows))
 
     def to_json(self) -> dict[str, Any]:
-        return {"options": self.options, "environment": self.environment,
-                "rows": [asdict(r) for r in self.rows],
-                "baseline": self.backends()[0],
-                "ratios_over_baseline": {f: {str(b): v for b, v in self.ratios(fast=f).items()}
-                                         for f in self.backends()[1:]},
-                "ratios_over_baseline_best_runs": {
-                    f: {str(b): v for b, v in self.ratios(fast=f, best=True).items()}
-                    for f in self.backends()[1:]}}
+        return {
+            "options": self.options,
+            "environment": self.environment,
+            "rows": [asdict(r) for r in self.rows],
+            "baseline": self.backends()[0],
+            "ratios_over_baseline": {
+                f: {str(b): v for b, v in self.ratios(fast=f).items()} for f in self.backends()[1:]
+            },
+            "ratios_over_baseline_best_runs": {
+                f: {str(b): v for b, v in self.ratios(fast=f, best=True).items()} for f in self.backends()[1:]
+            },
+        }
 
 
 def cached_bundle(opts: BenchOptions, precision: str = "fp32") -> Bundle:
@@ -141,15 +156,30 @@ def cached_bundle(opts: BenchOptions, precision: str = "fp32") -> Bundle:
             print(f"re-exporting: {e}", file=sys.stderr)
     from export.api import ExportOptions, export_bundle
 
-    print(f"exporting {opts.model} {precision} (seed {opts.seed}) to {root} (cached for later runs) ...",
-          file=sys.stderr)
-    return export_bundle(ExportOptions(model=opts.model, out=root, seed=opts.seed, precision=precision,
-                                       reference=precision == "fp32", quiet=True))
+    print(
+        f"exporting {opts.model} {precision} (seed {opts.seed}) to {root} (cached for later runs) ...",
+        file=sys.stderr,
+    )
+    return export_bundle(
+        ExportOptions(
+            model=opts.model,
+            out=root,
+            seed=opts.seed,
+            precision=precision,
+            reference=precision == "fp32",
+            quiet=True,
+        )
+    )
 
 
 def _environment(threads: int) -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
-                           "cpu_count": os.cpu_count(), "threads": threads, "processor": platform.processor()}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "processor": platform.processor(),
+    }
     for mod in ("numpy", "onnxruntime", "torch", "transformers"):
         try:
             env[mod] = __import__(mod).__version__
@@ -166,23 +196,31 @@ def run_bench(opts: BenchOptions, bundle: Bundle | None = None) -> BenchResult:
 
     bundle = bundle or cached_bundle(opts)
     if opts.prompt_len + opts.new_tokens > bundle.dims.n_positions:
-        raise ValueError(f"prompt_len + new_tokens = {opts.prompt_len + opts.new_tokens} exceeds the "
-                         f"model's {bundle.dims.n_positions} positions")
+        raise ValueError(
+            f"prompt_len + new_tokens = {opts.prompt_len + opts.new_tokens} exceeds the "
+            f"model's {bundle.dims.n_positions} positions"
+        )
     threads = opts.threads or os.cpu_count() or 1
     tokenizer = Tokenizer.from_dir(bundle.tokenizer_dir)
-    labels = opts.backends or (["torch", "onnxruntime"] if opts.bundle is not None
-                               else ["torch", "onnxruntime", "onnxruntime:int8"])
+    labels = opts.backends or (
+        ["torch", "onnxruntime"] if opts.bundle is not None else ["torch", "onnxruntime", "onnxruntime:int8"]
+    )
     backends = {}
     for label in labels:
         name, _, precision = label.partition(":")
-        b = bundle if not precision or precision == bundle.manifest.precision else \
-            cached_bundle(opts, precision)
+        b = (
+            bundle
+            if not precision or precision == bundle.manifest.precision
+            else cached_bundle(opts, precision)
+        )
         backends[label] = create_backend(name, b, BackendOptions(threads=threads)).load()
     try:
         gens = {n: Generator(b, tokenizer) for n, b in backends.items()}
         rng = np.random.default_rng(opts.seed)
-        prompts = {b: rng.integers(0, bundle.dims.vocab_size - 1, (b, opts.prompt_len)).tolist()
-                   for b in opts.batches}
+        prompts = {
+            b: rng.integers(0, bundle.dims.vocab_size - 1, (b, opts.prompt_len)).tolist()
+            for b in opts.batches
+        }
         for g in gens.values():  # warm-up: session/kernel initialization is not what we measure
             g.run_batch(prompts[opts.batches[0]], min(4, opts.new_tokens), stop_at_eos=False)
         samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -196,8 +234,19 @@ def run_bench(opts: BenchOptions, bundle: Bundle | None = None) -> BenchResult:
         for (name, b), runs in samples.items():
             prefill = statistics.median(p for p, _ in runs) * 1e3
             step = statistics.median(s for _, s in runs) * 1e3
-            rows.append(BenchRow(name, b, prefill, step, step / b, 1e3 * b / step, len(runs),
-                                 min(p for p, _ in runs) * 1e3, min(s for _, s in runs) * 1e3))
+            rows.append(
+                BenchRow(
+                    name,
+                    b,
+                    prefill,
+                    step,
+                    step / b,
+                    1e3 * b / step,
+                    len(runs),
+                    min(p for p, _ in runs) * 1e3,
+                    min(s for _, s in runs) * 1e3,
+                )
+            )
         rows.sort(key=lambda r: (r.batch, labels.index(r.backend)))
     finally:
         for be in backends.values():
@@ -213,25 +262,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--model", default="gpt2-124m", help="preset to export (random weights)")
     ap.add_argument("--bundle", type=Path, default=None, help="benchmark this bundle instead")
-    ap.add_argument("--backends", default=None,
-                    help="comma-separated; name:precision runs a precision variant of the preset; the "
-                         "first is the baseline (default: torch,onnxruntime,onnxruntime:int8; without "
-                         "the int8 variant with --bundle)")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated; name:precision runs a precision variant of the preset; the "
+        "first is the baseline (default: torch,onnxruntime,onnxruntime:int8; without "
+        "the int8 variant with --bundle)",
+    )
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
-    opts = BenchOptions(out=a.out, model=a.model, bundle=a.bundle,
-                        backends=a.backends.split(",") if a.backends else None,
-                        batches=[int(b) for b in a.batches.split(",")], prompt_len=a.prompt_len,
-                        new_tokens=a.new_tokens, repeats=a.repeats, threads=a.threads)
+    opts = BenchOptions(
+        out=a.out,
+        model=a.model,
+        bundle=a.bundle,
+        backends=a.backends.split(",") if a.backends else None,
+        batches=[int(b) for b in a.batches.split(",")],
+        prompt_len=a.prompt_len,
+        new_tokens=a.new_tokens,
+        repeats=a.repeats,
+        threads=a.threads,
+    )
     t0 = time.perf_counter()
     result = run_bench(opts)
-    print(f"decode benchmark: {result.options['model_name']} ({result.options['bundle']}), prompt "
-          f"{opts.prompt_len} tokens, {opts.new_tokens} new tokens, {result.environment['threads']} threads, "
-          f"median of {opts.repeats}")
+    print(
+        f"decode benchmark: {result.options['model_name']} ({result.options['bundle']}), prompt "
+        f"{opts.prompt_len} tokens, {opts.new_tokens} new tokens, {result.environment['threads']} threads, "
+        f"median of {opts.repeats}"
+    )
     print(result.table())
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"bench-decode-{result.options['model_name']}.json"

@@ -24,9 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.proto import gpt2_deploy_pb2 as pb
 from serving.proto import gpt2_deploy_pb2_grpc as pb_grpc
 
-FINISH_REASON_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
-                       pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_CANCELLED: "cancelled",
-                       pb.FINISH_REASON_UNSPECIFIED: "unspecified"}
+FINISH_REASON_NAMES = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_EOS: "eos",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_UNSPECIFIED: "unspecified",
+}
 
 
 def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
@@ -98,17 +102,28 @@ class Gpt2DeployClient:
         self.target = target
         self.timeout = timeout
         n = max_message_mb << 20
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)])
+        self.channel = grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+        )
         self.stub = pb_grpc.Gpt2DeployStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     # --- our API -------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, do_sample: bool | None = None,
-                 stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                 ignore_eos: bool = False, timeout: float | None = None) -> GenerationStream:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        do_sample: bool | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+    ) -> GenerationStream:
         """Start a streaming generation.
 
         Greedy unless ``do_sample`` is true; when ``do_sample`` is None, giving temperature,
@@ -117,35 +132,43 @@ class Gpt2DeployClient:
         """
         if do_sample is None:
             do_sample = any(v is not None for v in (temperature, top_k, top_p))
-        sampling = pb.SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed)
-        request = pb.GenerateRequest(**_prompt(prompt), max_new_tokens=max_new_tokens,
-                                     sampling=sampling, stop_strings=list(stop),
-                                     stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+        sampling = pb.SamplingParams(
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
+        request = pb.GenerateRequest(
+            **_prompt(prompt),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_strings=list(stop),
+            stop_token_ids=list(stop_token_ids),
+            ignore_eos=ignore_eos,
+        )
         return GenerationStream(self.stub.Generate(request, timeout=timeout or self.timeout))
 
-    def score(self, prompt: str | Sequence[int], top_k: int = 0,
-              timeout: float | None = None) -> Scores:
-        r = self.stub.Score(pb.ScoreRequest(**_prompt(prompt), top_k=top_k),
-                            timeout=timeout or self.timeout)
-        return Scores(token_ids=list(r.token_ids),
-                      token_logprobs=np.asarray(r.token_logprobs, dtype=np.float32),
-                      logits=tensor_to_numpy(r.logits) if r.HasField("logits") else None,
-                      top_ids=tensor_to_numpy(r.top_ids) if r.HasField("top_ids") else None,
-                      top_logprobs=tensor_to_numpy(r.top_logprobs) if r.HasField("top_logprobs") else None)
+    def score(self, prompt: str | Sequence[int], top_k: int = 0, timeout: float | None = None) -> Scores:
+        r = self.stub.Score(pb.ScoreRequest(**_prompt(prompt), top_k=top_k), timeout=timeout or self.timeout)
+        return Scores(
+            token_ids=list(r.token_ids),
+            token_logprobs=np.asarray(r.token_logprobs, dtype=np.float32),
+            logits=tensor_to_numpy(r.logits) if r.HasField("logits") else None,
+            top_ids=tensor_to_numpy(r.top_ids) if r.HasField("top_ids") else None,
+            top_logprobs=tensor_to_numpy(r.top_logprobs) if r.HasField("top_logprobs") else None,
+        )
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout or self.timeout)
 
-    def check_parity(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
-                     timeout: float | None = None) -> pb.CheckParityResponse:
-        return self.stub.CheckParity(pb.CheckParityRequest(**_prompt(prompt),
-                                                           max_new_tokens=max_new_tokens),
-                                     timeout=timeout or self.timeout)
+    def check_parity(
+        self, prompt: str | Sequence[int], max_new_tokens: int | None = None, timeout: float | None = None
+    ) -> pb.CheckParityResponse:
+        return self.stub.CheckParity(
+            pb.CheckParityRequest(**_prompt(prompt), max_new_tokens=max_new_tokens),
+            timeout=timeout or self.timeout,
+        )
 
     # --- health --------------------------------------------------------------------------------
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
-        """"SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNREACHABLE" (no answer)."""
+        """ "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNREACHABLE" (no answer)."""
         try:
             r = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:
@@ -154,8 +177,9 @@ class Gpt2DeployClient:
             return "UNREACHABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
-    def wait_until_serving(self, timeout: float = 60.0, interval: float = 0.1,
-                           alive: Callable[[], bool] | None = None) -> None:
+    def wait_until_serving(
+        self, timeout: float = 60.0, interval: float = 0.1, alive: Callable[[], bool] | None = None
+    ) -> None:
         """Poll health until SERVING.
 
         Args:

@@ -54,8 +54,23 @@ def ensure_bundle(path: Path, out: TextIO) -> Path:
 
 
 def server_command(opts: DemoOptions, port: int) -> list[str]:
-    return [sys.executable, "-m", "deploy.cli", "serve", str(opts.bundle), "--backend", opts.backend,
-            "--host", "127.0.0.1", "--port", str(port), "--parity", "warn", "--log-level", "WARNING"]
+    return [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "serve",
+        str(opts.bundle),
+        "--backend",
+        opts.backend,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parity",
+        "warn",
+        "--log-level",
+        "WARNING",
+    ]
 
 
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
@@ -78,9 +93,12 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             t0 = time.perf_counter()
             client.wait_until_serving(opts.startup_timeout_s, alive=lambda: proc.poll() is None)
             info = client.model_info()
-            print(f"[demo] SERVING after {time.perf_counter() - t0:.1f} s: {info.name} "
-                  f"({info.n_layer} layers, vocab {info.vocab_size}, context {info.n_positions}) on "
-                  f"{info.backend}/{info.device}, startup canary {info.canary}", file=out)
+            print(
+                f"[demo] SERVING after {time.perf_counter() - t0:.1f} s: {info.name} "
+                f"({info.n_layer} layers, vocab {info.vocab_size}, context {info.n_positions}) on "
+                f"{info.backend}/{info.device}, startup canary {info.canary}",
+                file=out,
+            )
 
             print(f"[demo] generate (greedy, {opts.max_new_tokens} tokens):", file=out)
             out.write(opts.prompt)
@@ -90,8 +108,11 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                 out.flush()
             f = stream.finish
             per_tok = sum(f.per_token_s) / max(len(f.per_token_s), 1) * 1e3
-            print(f"\n[demo] finish: {stream.finish_reason}, {f.completion_tokens} tokens, first token "
-                  f"{f.time_to_first_token_s * 1e3:.1f} ms, {per_tok:.2f} ms/token", file=out)
+            print(
+                f"\n[demo] finish: {stream.finish_reason}, {f.completion_tokens} tokens, first token "
+                f"{f.time_to_first_token_s * 1e3:.1f} ms, {per_tok:.2f} ms/token",
+                file=out,
+            )
 
             report = client.check_parity(opts.prompt, max_new_tokens=opts.max_new_tokens)
             print("[demo] CheckParity (teacher-forced, per step):", file=out)
@@ -117,15 +138,19 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m serving.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--bundle", type=Path, default=DemoOptions.bundle)
     p.add_argument("--backend", default=DemoOptions.backend)
     p.add_argument("--prompt", default=DemoOptions.prompt)
     p.add_argument("--max-new-tokens", type=int, default=DemoOptions.max_new_tokens)
     a = p.parse_args(argv)
-    rc = run_demo(DemoOptions(bundle=a.bundle, backend=a.backend, prompt=a.prompt,
-                              max_new_tokens=a.max_new_tokens))
+    rc = run_demo(
+        DemoOptions(bundle=a.bundle, backend=a.backend, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
+    )
     if rc != 0:
         print(f"[demo] FAILED: the server exited with {rc} after SIGTERM (expected 0)", file=sys.stderr)
         return 1

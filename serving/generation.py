@@ -120,7 +120,7 @@ class BatchResult:
 
 def remaining_text(final_text: str, streamed: str) -> str:
     """What of a generation's final text was not streamed yet ("" if the stream diverged from it)."""
-    return final_text[len(streamed):] if final_text.startswith(streamed) else ""
+    return final_text[len(streamed) :] if final_text.startswith(streamed) else ""
 
 
 def score_logits(logits: np.ndarray, ids: list[int], top_k: int) -> ScoreResult:
@@ -140,8 +140,9 @@ def score_logits(logits: np.ndarray, ids: list[int], top_k: int) -> ScoreResult:
     order = np.argsort(-np.take_along_axis(logits, part, -1), axis=-1, kind="stable")
     top_ids = np.take_along_axis(part, order, -1)
     top_lp = (np.take_along_axis(logits, top_ids, -1) - lse).astype(np.float32)
-    return ScoreResult(logits=None, top_ids=top_ids.astype(np.int64), top_logprobs=top_lp,
-                       token_logprobs=token_lp)
+    return ScoreResult(
+        logits=None, top_ids=top_ids.astype(np.int64), top_logprobs=top_lp, token_logprobs=token_lp
+    )
 
 
 def _holdback(text: str, start: int, stops: list[str]) -> int:
@@ -176,8 +177,9 @@ class Generator:
         self.max_new_tokens_limit = max_new_tokens_limit
         self.vocab_size = backend.dims.vocab_size
         self.n_positions = backend.dims.n_positions
-        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None \
-            else backend.dims.eos_token_id
+        self.eos_token_id = (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else backend.dims.eos_token_id
+        )
 
     # --- validation ----------------------------------------------------------------------------
     def _id_problems(self, what: str, ids) -> list[str]:
@@ -202,33 +204,46 @@ class Generator:
             problems.append("the prompt is empty; give at least one token (or non-empty text)")
         problems += self._id_problems("prompt token ids", req.prompt_ids)
         m = req.max_new_tokens
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or \
-                not 1 <= m <= self.max_new_tokens_limit:
-            problems.append(f"max_new_tokens must be an integer in [1, {self.max_new_tokens_limit}], "
-                            f"got {m!r}")
+        if (
+            isinstance(m, bool)
+            or not isinstance(m, (int, np.integer))
+            or not 1 <= m <= self.max_new_tokens_limit
+        ):
+            problems.append(
+                f"max_new_tokens must be an integer in [1, {self.max_new_tokens_limit}], got {m!r}"
+            )
         try:
             req.sampling.validate(self.vocab_size)
         except InvalidInput as e:
             problems.append(str(e))
         problems += self._id_problems("stop_token_ids", req.stop_token_ids)
         if len(req.stop_strings) > MAX_STOP_STRINGS:
-            problems.append(f"at most {MAX_STOP_STRINGS} stop strings are allowed, "
-                            f"got {len(req.stop_strings)}")
+            problems.append(
+                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(req.stop_strings)}"
+            )
         for s in req.stop_strings:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_STRING_CHARS:
-                problems.append(f"stop strings must be non-empty strings of at most "
-                                f"{MAX_STOP_STRING_CHARS} characters, got {s!r:.40}")
+                problems.append(
+                    f"stop strings must be non-empty strings of at most "
+                    f"{MAX_STOP_STRING_CHARS} characters, got {s!r:.40}"
+                )
                 break
         if problems:
             raise InvalidInput("; ".join(problems))
         if n_prompt + m > self.n_positions:
-            raise OutOfRange(f"prompt ({n_prompt} tokens) + max_new_tokens ({m}) = {n_prompt + m} exceeds "
-                             f"the model's context of {self.n_positions} positions; shorten the prompt "
-                             f"or ask for at most {max(self.n_positions - n_prompt, 0)} new tokens")
+            raise OutOfRange(
+                f"prompt ({n_prompt} tokens) + max_new_tokens ({m}) = {n_prompt + m} exceeds "
+                f"the model's context of {self.n_positions} positions; shorten the prompt "
+                f"or ask for at most {max(self.n_positions - n_prompt, 0)} new tokens"
+            )
 
     # --- streaming generation ------------------------------------------------------------------
-    def stream(self, req: GenerationRequest, cancelled: Callable[[], bool] = lambda: False,
-               started_at: float | None = None) -> Iterator[TokenEvent | FinalEvent]:
+    def stream(
+        self,
+        req: GenerationRequest,
+        cancelled: Callable[[], bool] = lambda: False,
+        started_at: float | None = None,
+    ) -> Iterator[TokenEvent | FinalEvent]:
         """Validate ``req``, then yield a TokenEvent per generated token and one FinalEvent.
 
         ``cancelled()`` is checked before every forward; when it returns True the generation ends
@@ -259,9 +274,13 @@ class Generator:
                 finish = "cancelled"
             else:
                 p = len(req.prompt_ids)
-                out = self.backend.forward(np.asarray([req.prompt_ids], dtype=np.int64),
-                                           np.ones((1, p), dtype=np.int64),
-                                           np.arange(p, dtype=np.int64)[None, :], None, last_only=True)
+                out = self.backend.forward(
+                    np.asarray([req.prompt_ids], dtype=np.int64),
+                    np.ones((1, p), dtype=np.int64),
+                    np.arange(p, dtype=np.int64)[None, :],
+                    None,
+                    last_only=True,
+                )
                 cache = out.present
                 while True:
                     tok = select_next(out.logits[0, -1], sp, rng)
@@ -290,18 +309,28 @@ class Generator:
                         finish = "cancelled"
                         break
                     n = cache.length
-                    out = self.backend.forward(np.asarray([[tok]], dtype=np.int64),
-                                               np.ones((1, n + 1), dtype=np.int64),
-                                               np.asarray([[n]], dtype=np.int64), cache, last_only=True)
+                    out = self.backend.forward(
+                        np.asarray([[tok]], dtype=np.int64),
+                        np.ones((1, n + 1), dtype=np.int64),
+                        np.asarray([[n]], dtype=np.int64),
+                        cache,
+                        last_only=True,
+                    )
                     cache = out.present
             cache = out = None  # the request's KV is freed before the final message goes out
             if not cut:  # after a stop string, the bytes that followed it are dropped
                 text += decoder.flush()
             if emitted < len(text):
                 yield TokenEvent([], text[emitted:])
-            yield FinalEvent(finish_reason=finish, prompt_tokens=len(req.prompt_ids),
-                             completion_tokens=len(tokens), token_ids=tokens, text=text,
-                             time_to_first_token_s=ttft, per_token_s=per_token)
+            yield FinalEvent(
+                finish_reason=finish,
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=len(tokens),
+                token_ids=tokens,
+                text=text,
+                time_to_first_token_s=ttft,
+                per_token_s=per_token,
+            )
         finally:
             cache = None
 
@@ -315,8 +344,14 @@ class Generator:
         return final
 
     # --- batches -------------------------------------------------------------------------------
-    def run_batch(self, prompts: list[list[int]], max_new_tokens: int,
-                  sampling: SamplingParams | None = None, *, stop_at_eos: bool = True) -> BatchResult:
+    def run_batch(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        *,
+        stop_at_eos: bool = True,
+    ) -> BatchResult:
         """Generate for several prompts at once, left-padded into one batch.
 
         Each row stops at EOS (when ``stop_at_eos``; EOS is not included) or after
@@ -337,8 +372,8 @@ class Generator:
         ids = np.full((b, width), pad, dtype=np.int64)
         mask = np.zeros((b, width), dtype=np.int64)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = p
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = p
+            mask[i, width - len(p) :] = 1
         pos = left_padded_positions(mask)
         rngs = [None if sampling.greedy else sampling.rng() for _ in range(b)]
         eos = self.eos_token_id if stop_at_eos else None
@@ -372,14 +407,16 @@ class Generator:
             next_pos = next_pos + 1
         return BatchResult(tokens=tokens, prefill_s=prefill_s, step_s=step_s)
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
-                       sampling: SamplingParams | None = None) -> list[list[int]]:
+    def generate_batch(
+        self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None
+    ) -> list[list[int]]:
         """The generated ids of each prompt, run as one left-padded batch (see ``run_batch``)."""
         return self.run_batch(prompts, max_new_tokens, sampling).tokens
 
     # --- scoring -------------------------------------------------------------------------------
-    def score(self, ids: list[int], top_k: int = 0, *,
-              turn: Callable[[], AbstractContextManager] = nullcontext) -> ScoreResult:
+    def score(
+        self, ids: list[int], top_k: int = 0, *, turn: Callable[[], AbstractContextManager] = nullcontext
+    ) -> ScoreResult:
         """Logits (``top_k == 0``) or the top-k log-probabilities at every position of ``ids``.
 
         Only the forward runs inside ``turn()`` (a server's backend lock); scoring runs outside.
@@ -391,18 +428,25 @@ class Generator:
         self.check_score(ids, top_k)
         s = len(ids)
         with turn():
-            out = self.backend.forward(np.asarray([ids], dtype=np.int64), np.ones((1, s), dtype=np.int64),
-                                       np.arange(s, dtype=np.int64)[None, :])
+            out = self.backend.forward(
+                np.asarray([ids], dtype=np.int64),
+                np.ones((1, s), dtype=np.int64),
+                np.arange(s, dtype=np.int64)[None, :],
+            )
         return score_logits(out.logits[0], ids, top_k)
 
     def check_score(self, ids: list[int], top_k: int) -> None:
         """Validate a ``score`` request (raises what ``score`` documents)."""
         problems = [] if ids else ["the sequence to score is empty"]
         problems += self._id_problems("token ids", ids)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or \
-                not 0 <= top_k <= self.vocab_size:
-            problems.append(f"top_k must be an integer in [0, {self.vocab_size}] (0 = full logits), "
-                            f"got {top_k!r}")
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, (int, np.integer))
+            or not 0 <= top_k <= self.vocab_size
+        ):
+            problems.append(
+                f"top_k must be an integer in [0, {self.vocab_size}] (0 = full logits), got {top_k!r}"
+            )
         if problems:
             raise InvalidInput("; ".join(problems))
         s = len(ids)

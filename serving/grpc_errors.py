@@ -43,8 +43,12 @@ def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, s
     if isinstance(exc, (MissingDependencyError, BundleError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     incident = uuid.uuid4().hex[:12]
-    log.error("unexpected error in %s (incident %s)", method or "a handler", incident,
-              exc_info=(type(exc), exc, exc.__traceback__))
+    log.error(
+        "unexpected error in %s (incident %s)",
+        method or "a handler",
+        incident,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(incident=incident)
 
 
@@ -65,8 +69,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         on_error: Called with (method, status code name) when a call ends in an error.
     """
 
-    def __init__(self, on_request: Callable[[str], None] | None = None,
-                 on_error: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        on_request: Callable[[str], None] | None = None,
+        on_error: Callable[[str, str], None] | None = None,
+    ):
         self._on_request = on_request or (lambda method: None)
         self._on_error = on_error or (lambda method, code: None)
 
@@ -93,8 +100,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             # period): there is nobody to answer. Reading a request stream then raises RpcError,
             # which is not a server error; anything else is logged in one line.
             if not isinstance(exc, grpc.RpcError):
-                log.warning("%s ended after its client went away: %s: %s", method,
-                            type(exc).__name__, exc)
+                log.warning("%s ended after its client went away: %s: %s", method, type(exc).__name__, exc)
             context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
         code, message = status_for(exc, method)
         self._on_error(method, code.name)

@@ -88,14 +88,15 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
     out, i = [], 0
     while i < len(raw):
         if i + 4 > len(raw):
-            raise InvalidInput(f"malformed BYTES content: {len(raw) - i} trailing byte(s) where a "
-                               "4-byte length prefix was expected")
+            raise InvalidInput(
+                f"malformed BYTES content: {len(raw) - i} trailing byte(s) where a "
+                "4-byte length prefix was expected"
+            )
         (n,) = struct.unpack_from("<I", raw, i)
         i += 4
         if i + n > len(raw):
-            raise InvalidInput(f"malformed BYTES content: element of {n} bytes but only "
-                               f"{len(raw) - i} left")
-        out.append(raw[i:i + n])
+            raise InvalidInput(f"malformed BYTES content: element of {n} bytes but only {len(raw) - i} left")
+        out.append(raw[i : i + n])
         i += n
     return out
 
@@ -112,37 +113,43 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     if tensor.datatype == "BYTES":
         items = deserialize_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
         if len(items) != count:
-            raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), "
-                               f"got {len(items)}")
+            raise InvalidInput(
+                f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), got {len(items)}"
+            )
         arr = np.empty(count, dtype=np.object_)
         arr[:] = items
         return arr.reshape(shape)
     if raw is not None:
         itemsize = np.dtype(dt).itemsize
         if len(raw) != count * itemsize:
-            raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
-                               f"{count * itemsize} bytes, got {len(raw)}")
+            raise InvalidInput(
+                f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
+                f"{count * itemsize} bytes, got {len(raw)}"
+            )
         return np.frombuffer(raw, dtype=np.dtype(dt).newbyteorder("<")).astype(dt).reshape(shape)
     if field is None:
-        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} data must be sent in "
-                           "raw_input_contents")
+        raise InvalidInput(
+            f"input {tensor.name!r}: {tensor.datatype} data must be sent in raw_input_contents"
+        )
     values = getattr(tensor.contents, field)
     if len(values) != count:
-        raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), "
-                           f"got {len(values)} in contents.{field}")
+        raise InvalidInput(
+            f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), "
+            f"got {len(values)} in contents.{field}"
+        )
     return np.asarray(values, dtype=dt).reshape(shape)
 
 
-def output_tensor(name: str, array: np.ndarray, datatype: str
-                  ) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+def output_tensor(
+    name: str, array: np.ndarray, datatype: str
+) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
     """An output's metadata and its raw content."""
     if datatype == "BYTES":
         raw = serialize_bytes([x if isinstance(x, bytes) else str(x).encode() for x in array.ravel()])
     else:
         dt = np.dtype(DATATYPES[datatype][0]).newbyteorder("<")
         raw = np.ascontiguousarray(array, dtype=dt).tobytes()
-    return pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype,
-                                                   shape=list(array.shape)), raw
+    return pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=list(array.shape)), raw
 
 
 # --- the servicer ----------------------------------------------------------------------------
@@ -162,18 +169,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         vocab = runtime.bundle.dims.vocab_size
         self.specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {
             self.forward_model: (
-                [TensorSpec(INPUT_IDS, "INT64", (-1, -1)),
-                 TensorSpec(ATTENTION_MASK, "INT64", (-1, -1), required=False)],
-                [TensorSpec(LOGITS, "FP32", (-1, -1, vocab))]),
+                [
+                    TensorSpec(INPUT_IDS, "INT64", (-1, -1)),
+                    TensorSpec(ATTENTION_MASK, "INT64", (-1, -1), required=False),
+                ],
+                [TensorSpec(LOGITS, "FP32", (-1, -1, vocab))],
+            ),
             self.generate_model: (
-                [TensorSpec("text_input", "BYTES", (1,)),
-                 TensorSpec("max_tokens", "INT32", (1,), ("INT64",)),
-                 TensorSpec("temperature", "FP32", (1,), ("FP64",), required=False),
-                 TensorSpec("top_k", "INT32", (1,), ("INT64",), required=False),
-                 TensorSpec("top_p", "FP32", (1,), ("FP64",), required=False),
-                 TensorSpec("random_seed", "UINT64", (1,), ("INT64",), required=False),
-                 TensorSpec("stream", "BOOL", (1,), required=False)],
-                [TensorSpec("text_output", "BYTES", (1,))]),
+                [
+                    TensorSpec("text_input", "BYTES", (1,)),
+                    TensorSpec("max_tokens", "INT32", (1,), ("INT64",)),
+                    TensorSpec("temperature", "FP32", (1,), ("FP64",), required=False),
+                    TensorSpec("top_k", "INT32", (1,), ("INT64",), required=False),
+                    TensorSpec("top_p", "FP32", (1,), ("FP64",), required=False),
+                    TensorSpec("random_seed", "UINT64", (1,), ("INT64",), required=False),
+                    TensorSpec("stream", "BOOL", (1,), required=False),
+                ],
+                [TensorSpec("text_output", "BYTES", (1,))],
+            ),
         }
 
     @property
@@ -203,9 +216,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         inputs, outputs = self.specs[name]
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=name, versions=[MODEL_VERSION], platform=f"gpt2-deploy_{self.runtime.backend.name}",
+            name=name,
+            versions=[MODEL_VERSION],
+            platform=f"gpt2-deploy_{self.runtime.backend.name}",
             inputs=[meta(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in inputs],
-            outputs=[meta(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in outputs])
+            outputs=[meta(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in outputs],
+        )
 
     # --- inference -----------------------------------------------------------------------------
     def ModelInfer(self, request, context):
@@ -214,11 +230,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if name == self.forward_model:
             return self._forward(request, inputs)
         if _scalar(inputs, "stream", False):
-            raise InvalidInput(f"stream=true needs ModelStreamInfer (decoupled responses); "
-                               f"ModelInfer on {name!r} returns the whole text with stream=false")
+            raise InvalidInput(
+                f"stream=true needs ModelStreamInfer (decoupled responses); "
+                f"ModelInfer on {name!r} returns the whole text with stream=false"
+            )
         final = None
-        for event in self.runtime.generate(self._generation_request(inputs),
-                                           cancelled=lambda: not context.is_active()):
+        for event in self.runtime.generate(
+            self._generation_request(inputs), cancelled=lambda: not context.is_active()
+        ):
             if isinstance(event, FinalEvent):
                 final = event
         return self._text_response(request, final.text, final)
@@ -233,9 +252,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     self.metrics.error("/inference.GRPCInferenceService/ModelStreamInfer", code.name)
                 yield pb.ModelStreamInferResponse(
                     error_message=f"{code.name}: {message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         model_version=request.model_version,
-                                                         id=request.id))
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    ),
+                )
             if not context.is_active():
                 return
 
@@ -248,8 +268,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=response)
             return
         stream = bool(_scalar(inputs, "stream", False))
-        events = self.runtime.generate(self._generation_request(inputs),
-                                       cancelled=lambda: not context.is_active())
+        events = self.runtime.generate(
+            self._generation_request(inputs), cancelled=lambda: not context.is_active()
+        )
         streamed = ""
         for event in events:
             if isinstance(event, FinalEvent):
@@ -265,8 +286,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if name not in self.specs:
             raise NotFound(f"unknown model {name!r}; available models: {', '.join(self.specs)}")
         if version not in ("", MODEL_VERSION):
-            raise NotFound(f"model {name!r} has no version {version!r}; available versions: "
-                           f"{MODEL_VERSION}")
+            raise NotFound(f"model {name!r} has no version {version!r}; available versions: {MODEL_VERSION}")
         return name
 
     def _inputs(self, model: str, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -291,8 +311,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 problems.append(f"unknown requested output {o.name!r} (outputs: {sorted(out_names)})")
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
-            problems.append(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
-                            "inputs; send raw contents for every input or for none")
+            problems.append(
+                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
+                "inputs; send raw contents for every input or for none"
+            )
         if problems:
             raise InvalidInput(f"model {model!r}: " + "; ".join(problems) + f". Expected inputs: {expected}")
 
@@ -300,22 +322,26 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             spec = by_name[t.name]
             allowed = (spec.datatype, *spec.accepts)
             if t.datatype not in allowed:
-                problems.append(f"input {t.name!r} has datatype {t.datatype!r}; expected "
-                                f"{' or '.join(allowed)}")
+                problems.append(
+                    f"input {t.name!r} has datatype {t.datatype!r}; expected {' or '.join(allowed)}"
+                )
             if any(d < 0 for d in t.shape):
                 problems.append(f"input {t.name!r} has shape {list(t.shape)}; dimensions must be >= 0")
             elif -1 in spec.shape and len(t.shape) != len(spec.shape):
-                problems.append(f"input {t.name!r} has shape {list(t.shape)}; expected "
-                                f"{len(spec.shape)} dimensions {list(spec.shape)} (-1 = any size)")
+                problems.append(
+                    f"input {t.name!r} has shape {list(t.shape)}; expected "
+                    f"{len(spec.shape)} dimensions {list(spec.shape)} (-1 = any size)"
+                )
             elif -1 not in spec.shape and int(np.prod(t.shape)) != int(np.prod(spec.shape)):
-                problems.append(f"input {t.name!r} has shape {list(t.shape)}; expected "
-                                f"{list(spec.shape)} (one request at a time)")
+                problems.append(
+                    f"input {t.name!r} has shape {list(t.shape)}; expected "
+                    f"{list(spec.shape)} (one request at a time)"
+                )
         if problems:
             raise InvalidInput(f"model {model!r}: " + "; ".join(problems))
         return {t.name: decode_input(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)}
 
-    def _forward(self, request: pb.ModelInferRequest, inputs: dict[str, np.ndarray]
-                 ) -> pb.ModelInferResponse:
+    def _forward(self, request: pb.ModelInferRequest, inputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
         ids = inputs[INPUT_IDS]
         mask = inputs.get(ATTENTION_MASK)
         problems = []
@@ -323,8 +349,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             problems.append(f"input_ids has shape {list(ids.shape)}; batch and sequence must be >= 1")
         if mask is not None:
             if mask.shape != ids.shape:
-                problems.append(f"attention_mask has shape {list(mask.shape)}; expected the shape of "
-                                f"input_ids {list(ids.shape)}")
+                problems.append(
+                    f"attention_mask has shape {list(mask.shape)}; expected the shape of "
+                    f"input_ids {list(ids.shape)}"
+                )
             elif mask.size and not np.isin(mask, (0, 1)).all():
                 problems.append("attention_mask values must be 0 (padding) or 1 (token)")
             elif mask.size and not mask.any(axis=1).all():
@@ -334,8 +362,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Token ids and the context length are checked by the backend (InvalidInput/OutOfRange).
         logits = self.runtime.forward(ids, mask)
         meta, raw = output_tensor(LOGITS, logits, "FP32")
-        return pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
-                                     id=request.id, outputs=[meta], raw_output_contents=[raw])
+        return pb.ModelInferResponse(
+            model_name=request.model_name,
+            model_version=MODEL_VERSION,
+            id=request.id,
+            outputs=[meta],
+            raw_output_contents=[raw],
+        )
 
     def _generation_request(self, inputs: dict[str, np.ndarray]) -> GenerationRequest:
         raw_text = inputs["text_input"].ravel()[0]
@@ -350,17 +383,27 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             top_k=int(_scalar(inputs, "top_k", 0)),
             top_p=float(_scalar(inputs, "top_p", 1.0)),
             seed=None if seed is None else int(seed),
-            do_sample=bool(sampled))
-        return GenerationRequest(prompt_ids=self.runtime.encode(text),
-                                 max_new_tokens=int(_scalar(inputs, "max_tokens", DEFAULT_MAX_TOKENS)),
-                                 sampling=sampling)
+            do_sample=bool(sampled),
+        )
+        return GenerationRequest(
+            prompt_ids=self.runtime.encode(text),
+            max_new_tokens=int(_scalar(inputs, "max_tokens", DEFAULT_MAX_TOKENS)),
+            sampling=sampling,
+        )
 
-    def _text_response(self, request: pb.ModelInferRequest, text: str,
-                       final: FinalEvent | None) -> pb.ModelInferResponse:
-        meta, raw = output_tensor("text_output", np.asarray([text.encode("utf-8")], dtype=np.object_),
-                                  "BYTES")
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
-                                         id=request.id, outputs=[meta], raw_output_contents=[raw])
+    def _text_response(
+        self, request: pb.ModelInferRequest, text: str, final: FinalEvent | None
+    ) -> pb.ModelInferResponse:
+        meta, raw = output_tensor(
+            "text_output", np.asarray([text.encode("utf-8")], dtype=np.object_), "BYTES"
+        )
+        response = pb.ModelInferResponse(
+            model_name=request.model_name,
+            model_version=MODEL_VERSION,
+            id=request.id,
+            outputs=[meta],
+            raw_output_contents=[raw],
+        )
         response.parameters[FINAL_RESPONSE].bool_param = final is not None
         if final is not None:
             response.parameters["finish_reason"].string_param = final.finish_reason

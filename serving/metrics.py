@@ -36,8 +36,11 @@ class _ShadowDropped:
         self._read = read
 
     def collect(self) -> Iterable[CounterMetricFamily]:
-        yield CounterMetricFamily(f"{_NS}_shadow_dropped", "Shadow parity checks dropped because "
-                                  "the queue was full", value=self._read())
+        yield CounterMetricFamily(
+            f"{_NS}_shadow_dropped",
+            "Shadow parity checks dropped because the queue was full",
+            value=self._read(),
+        )
 
     def describe(self) -> Iterable[CounterMetricFamily]:
         return []
@@ -50,24 +53,30 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(f"{_NS}_requests", "RPCs started", ["method"], registry=r)
-        self.errors = Counter(f"{_NS}_errors", "Failed requests by status code", ["method", "code"],
-                              registry=r)
-        self.generations = Counter(f"{_NS}_generations", "Finished generations",
-                                   ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter(f"{_NS}_prompt_tokens", "Prompt tokens processed",
-                                     registry=r)
+        self.errors = Counter(
+            f"{_NS}_errors", "Failed requests by status code", ["method", "code"], registry=r
+        )
+        self.generations = Counter(
+            f"{_NS}_generations", "Finished generations", ["finish_reason"], registry=r
+        )
+        self.prompt_tokens = Counter(f"{_NS}_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter(f"{_NS}_generated_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram(f"{_NS}_time_to_first_token_seconds", "Time to first token",
-                              buckets=_TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram(f"{_NS}_time_per_output_token_seconds",
-                              "Latency of each decoded token after the first",
-                              buckets=_TPOT_BUCKETS, registry=r)
-        self.parity = Counter(f"{_NS}_parity_checks", "Parity checks against the reference",
-                              ["kind", "result"], registry=r)
-        self.parity_max_abs = Gauge(f"{_NS}_parity_max_abs", "max|Δlogits| of the latest check",
-                                    ["kind"], registry=r)
-        self.inflight = Gauge(f"{_NS}_inflight_generations", "Generations in progress",
-                              registry=r)
+        self.ttft = Histogram(
+            f"{_NS}_time_to_first_token_seconds", "Time to first token", buckets=_TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            f"{_NS}_time_per_output_token_seconds",
+            "Latency of each decoded token after the first",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.parity = Counter(
+            f"{_NS}_parity_checks", "Parity checks against the reference", ["kind", "result"], registry=r
+        )
+        self.parity_max_abs = Gauge(
+            f"{_NS}_parity_max_abs", "max|Δlogits| of the latest check", ["kind"], registry=r
+        )
+        self.inflight = Gauge(f"{_NS}_inflight_generations", "Generations in progress", registry=r)
         self.ready = Gauge(f"{_NS}_ready", "1 when health is SERVING", registry=r)
         self._shadow_dropped: _ShadowDropped | None = None
         self._http = None
@@ -79,8 +88,14 @@ class ServerMetrics:
     def error(self, method: str, code: str) -> None:
         self.errors.labels(method=method, code=code).inc()
 
-    def generation(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                   ttft_s: float | None, per_token_s: Iterable[float]) -> None:
+    def generation(
+        self,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft_s: float | None,
+        per_token_s: Iterable[float],
+    ) -> None:
         self.generations.labels(finish_reason=finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(completion_tokens)

@@ -54,9 +54,11 @@ class ParityReport(ComparisonReport):
     def summary(self) -> str:
         """One line: verdict, max|Δlogits|, top-1 agreement, first diverging step."""
         div = "" if self.first_diverging is None else f", first divergence: {self.first_diverging}"
-        return (f"{self.title}: {'PASS' if self else 'FAIL'} max|Δlogits| {self.max_abs:.3g} "
-                f"(atol {self.tolerance.atol:g}, {self.tolerance.name}), top-1 {self.top1_agreement:.2%}"
-                f"{div}")
+        return (
+            f"{self.title}: {'PASS' if self else 'FAIL'} max|Δlogits| {self.max_abs:.3g} "
+            f"(atol {self.tolerance.atol:g}, {self.tolerance.name}), top-1 {self.top1_agreement:.2%}"
+            f"{div}"
+        )
 
     def __str__(self) -> str:
         lines = [ComparisonReport.__str__(self)]
@@ -66,8 +68,13 @@ class ParityReport(ComparisonReport):
 
     def to_json(self) -> dict[str, Any]:
         d = ComparisonReport.to_json(self)
-        d.update(served=self.served, reference=self.reference, steps=self.steps,
-                 first_diverging_step=self.first_diverging_step, first_diverging=self.first_diverging)
+        d.update(
+            served=self.served,
+            reference=self.reference,
+            steps=self.steps,
+            first_diverging_step=self.first_diverging_step,
+            first_diverging=self.first_diverging,
+        )
         return d
 
 
@@ -111,10 +118,15 @@ def _case_name(seq: int, step: int, token: int | None, n_seqs: int) -> str:
     return f"{head}step {step} ({'prefill' if token is None else f'token {token}'})"
 
 
-def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[list[int]],
-                          tolerance: Tolerance, prompt_len: int | list[int],
-                          title: str | None = None,
-                          cancelled: Callable[[], bool] | None = None) -> ParityReport:
+def teacher_forced_parity(
+    served: Backend,
+    reference: Backend,
+    sequences: list[list[int]],
+    tolerance: Tolerance,
+    prompt_len: int | list[int],
+    title: str | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> ParityReport:
     """Run each sequence through both backends step by step and compare the logits of every step.
 
     Step 0 prefills ``sequence[:prompt_len]`` (all prompt positions compared); step t >= 1 feeds
@@ -134,8 +146,12 @@ def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[l
     lens = [prompt_len] * len(sequences) if isinstance(prompt_len, int) else list(prompt_len)
     if len(lens) != len(sequences):
         raise ValueError(f"{len(lens)} prompt lengths for {len(sequences)} sequences")
-    report = ParityReport(title=title or f"parity {served.name} vs {reference.name}", tolerance=tolerance,
-                          served=served.name, reference=reference.name)
+    report = ParityReport(
+        title=title or f"parity {served.name} vs {reference.name}",
+        tolerance=tolerance,
+        served=served.name,
+        reference=reference.name,
+    )
     first: tuple[int, int, CaseResult] | None = None
     for si, (seq, p) in enumerate(zip(sequences, lens)):
         if not 1 <= p <= len(seq):
@@ -158,8 +174,9 @@ def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[l
                 caches[j] = out.present
                 logits.append(out.logits)
             try:
-                case = compare_logits(logits[0], logits[1], None, tolerance,
-                                      _case_name(si, step, token, len(sequences)))
+                case = compare_logits(
+                    logits[0], logits[1], None, tolerance, _case_name(si, step, token, len(sequences))
+                )
             except ValueError as e:
                 report.errors.append(str(e))
                 break
@@ -170,13 +187,19 @@ def teacher_forced_parity(served: Backend, reference: Backend, sequences: list[l
     if first is not None:
         si, step, case = first
         report.first_diverging_step = step
-        report.first_diverging = (f"{case.case}: max|Δlogits| {case.max_abs:.3g}, "
-                                  f"top-1 {case.top1_agreement:.2%}")
+        report.first_diverging = (
+            f"{case.case}: max|Δlogits| {case.max_abs:.3g}, top-1 {case.top1_agreement:.2%}"
+        )
     return report
 
 
-def reference_continuations(reference: Backend, tokenizer: Any, prompts: list[list[int]],
-                            new_tokens: int, cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
+def reference_continuations(
+    reference: Backend,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    new_tokens: int,
+    cancelled: Callable[[], bool] | None = None,
+) -> list[list[int]]:
     """Prompt + the reference's greedy continuation (without stopping at EOS) for each prompt.
 
     Raises:
@@ -187,17 +210,24 @@ def reference_continuations(reference: Backend, tokenizer: Any, prompts: list[li
     gen = Generator(reference, tokenizer)
     out = []
     for p in prompts:
-        final = gen.generate(GenerationRequest(list(p), new_tokens, stop_at_eos=False),
-                             cancelled or (lambda: False))
+        final = gen.generate(
+            GenerationRequest(list(p), new_tokens, stop_at_eos=False), cancelled or (lambda: False)
+        )
         if final.finish_reason == "cancelled":
             raise Cancelled("the reference generation for parity was cancelled")
         out.append(list(p) + final.token_ids)
     return out
 
 
-def check_generation_parity(served: Backend, reference: Backend, tokenizer: Any, prompt_ids: list[int],
-                            max_new_tokens: int, tolerance: Tolerance,
-                            cancelled: Callable[[], bool] | None = None) -> ParityReport:
+def check_generation_parity(
+    served: Backend,
+    reference: Backend,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    tolerance: Tolerance,
+    cancelled: Callable[[], bool] | None = None,
+) -> ParityReport:
     """Whole-generation parity of one prompt, per step (the CheckParity RPC and the CLI).
 
     The reference generates greedily; both backends are then teacher-forced along that sequence.
@@ -206,14 +236,26 @@ def check_generation_parity(served: Backend, reference: Backend, tokenizer: Any,
         Cancelled: ``cancelled()`` returned True (polled before every step of either part).
     """
     seq = reference_continuations(reference, tokenizer, [prompt_ids], max_new_tokens, cancelled)[0]
-    return teacher_forced_parity(served, reference, [seq], tolerance, len(prompt_ids),
-                                 title=f"generation parity {served.name} vs {reference.name}",
-                                 cancelled=cancelled)
+    return teacher_forced_parity(
+        served,
+        reference,
+        [seq],
+        tolerance,
+        len(prompt_ids),
+        title=f"generation parity {served.name} vs {reference.name}",
+        cancelled=cancelled,
+    )
 
 
-def run_canary(served: Backend, reference: Backend, tokenizer: Any, tolerance: Tolerance,
-               prompts: list[str] = DEFAULT_CANARY_PROMPTS, new_tokens: int = 8,
-               cancelled: Callable[[], bool] | None = None) -> ParityReport:
+def run_canary(
+    served: Backend,
+    reference: Backend,
+    tokenizer: Any,
+    tolerance: Tolerance,
+    prompts: list[str] = DEFAULT_CANARY_PROMPTS,
+    new_tokens: int = 8,
+    cancelled: Callable[[], bool] | None = None,
+) -> ParityReport:
     """The startup canary: a few fixed prompts teacher-forced through both backends.
 
     Raises:
@@ -221,9 +263,15 @@ def run_canary(served: Backend, reference: Backend, tokenizer: Any, tolerance: T
     """
     ids = [tokenizer.encode(p) for p in prompts]
     seqs = reference_continuations(reference, tokenizer, ids, new_tokens, cancelled)
-    report = teacher_forced_parity(served, reference, seqs, tolerance, [len(i) for i in ids],
-                                   title=f"startup canary {served.name} vs {reference.name}",
-                                   cancelled=cancelled)
+    report = teacher_forced_parity(
+        served,
+        reference,
+        seqs,
+        tolerance,
+        [len(i) for i in ids],
+        title=f"startup canary {served.name} vs {reference.name}",
+        cancelled=cancelled,
+    )
     (log.info if report else log.error)("%s", report.summary())
     return report
 
@@ -247,9 +295,18 @@ class ShadowParity:
         guard: Entered around each check (a server's admission limit); None = nothing.
     """
 
-    def __init__(self, reference: Backend, tolerance: Tolerance, rate: float, queue_size: int = 64,
-                 on_result: Callable[[ParityReport], None] | None = None, seed: int = 0, *,
-                 served: Backend, guard: Callable[[], AbstractContextManager] | None = None):
+    def __init__(
+        self,
+        reference: Backend,
+        tolerance: Tolerance,
+        rate: float,
+        queue_size: int = 64,
+        on_result: Callable[[ParityReport], None] | None = None,
+        seed: int = 0,
+        *,
+        served: Backend,
+        guard: Callable[[], AbstractContextManager] | None = None,
+    ):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"shadow rate must be in [0, 1], got {rate}")
         if queue_size < 1:
@@ -332,16 +389,23 @@ class ShadowParity:
         threading.Thread(target=waiter, daemon=True).start()
         return done.wait(timeout)
 
-    def check(self, prompt_ids: list[int], generated_ids: list[int],
-              greedy: bool = True) -> ParityReport | None:
+    def check(
+        self, prompt_ids: list[int], generated_ids: list[int], greedy: bool = True
+    ) -> ParityReport | None:
         """One shadow check, synchronously (what the worker runs).
 
         ``greedy`` does not matter for a teacher-forced check (sampled tokens are fed the same way).
         """
         seq = list(prompt_ids) + list(generated_ids)
         with self.guard():
-            return teacher_forced_parity(self.served, self.reference, [seq], self.tolerance, len(prompt_ids),
-                                         title=f"shadow parity {self.served.name} vs {self.reference.name}")
+            return teacher_forced_parity(
+                self.served,
+                self.reference,
+                [seq],
+                self.tolerance,
+                len(prompt_ids),
+                title=f"shadow parity {self.served.name} vs {self.reference.name}",
+            )
 
     def _run(self) -> None:
         while True:
@@ -372,8 +436,14 @@ class ShadowParity:
 
     def counters(self) -> dict[str, int]:
         with self._lock:
-            return {"submitted": self.submitted, "dropped": self.dropped, "checked": self.checked,
-                    "failed": self.failed, "skipped": self.skipped, "errors": self.errors}
+            return {
+                "submitted": self.submitted,
+                "dropped": self.dropped,
+                "checked": self.checked,
+                "failed": self.failed,
+                "skipped": self.skipped,
+                "errors": self.errors,
+            }
 
 
 @dataclass
@@ -427,5 +497,4 @@ def run_parity(opts: ParityOptions) -> ParityReport:
         with reference_backend(bundle, opts.reference_device) as reference:
             if ids is None:
                 return run_canary(served, reference, tokenizer, tolerance, new_tokens=opts.max_new_tokens)
-            return check_generation_parity(served, reference, tokenizer, ids, opts.max_new_tokens,
-                                           tolerance)
+            return check_generation_parity(served, reference, tokenizer, ids, opts.max_new_tokens, tolerance)

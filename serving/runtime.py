@@ -50,7 +50,12 @@ PARITY_MODES = ("off", "warn", "strict")
 
 # Lifecycle states (``ModelRuntime.state``).
 LOADING, SERVING, NOT_SERVING, STOPPING, STOPPED = (
-    "loading", "serving", "not_serving", "stopping", "stopped")
+    "loading",
+    "serving",
+    "not_serving",
+    "stopping",
+    "stopped",
+)
 
 
 class ModelRuntime:
@@ -74,11 +79,20 @@ class ModelRuntime:
             on closing the backend (it is then left open rather than closed under the step).
     """
 
-    def __init__(self, bundle: Bundle, backend: Backend, *, metrics: ServerMetrics,
-                 tolerance: Tolerance | None = None, max_new_tokens_limit: int = 4096,
-                 reference_device: str = "cpu", max_response_bytes: int = 256 << 20,
-                 parity_mode: str = "warn", admission_timeout_s: float = 30.0,
-                 close_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: Backend,
+        *,
+        metrics: ServerMetrics,
+        tolerance: Tolerance | None = None,
+        max_new_tokens_limit: int = 4096,
+        reference_device: str = "cpu",
+        max_response_bytes: int = 256 << 20,
+        parity_mode: str = "warn",
+        admission_timeout_s: float = 30.0,
+        close_timeout_s: float = 30.0,
+    ):
         self.bundle = bundle
         self.backend = backend
         self.metrics = metrics
@@ -137,8 +151,9 @@ class ModelRuntime:
             self.tokenizer = Tokenizer.from_dir(self.bundle.tokenizer_dir)
         except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions on bad files
             raise BundleError(f"cannot read the tokenizer in {self.bundle.tokenizer_dir}: {e}") from None
-        self.generator = Generator(self.backend, self.tokenizer,
-                                   max_new_tokens_limit=self.max_new_tokens_limit)
+        self.generator = Generator(
+            self.backend, self.tokenizer, max_new_tokens_limit=self.max_new_tokens_limit
+        )
         log.info("loaded %s on %s", self.name, self.backend.info())
 
     def reference(self) -> Backend:
@@ -167,9 +182,15 @@ class ModelRuntime:
         def on_result(report: Any) -> None:
             self.metrics.parity_result("shadow", bool(report), getattr(report, "max_abs", None))
 
-        self.shadow = ShadowParity(self.reference(), self.tolerance, rate, queue_size=queue_size,
-                                   on_result=on_result, served=self._locked_backend(),
-                                   guard=self._admitted)
+        self.shadow = ShadowParity(
+            self.reference(),
+            self.tolerance,
+            rate,
+            queue_size=queue_size,
+            on_result=on_result,
+            served=self._locked_backend(),
+            guard=self._admitted,
+        )
         self.metrics.track_shadow_dropped(lambda: int(self.shadow.dropped))
         self.shadow.start()
 
@@ -191,8 +212,12 @@ class ModelRuntime:
             finally:
                 self._lock.release()
         else:
-            log.error("a %s forward step is still running after %.0f s; leaving the backend open "
-                      "rather than closing it under the step", self.backend.name, self.close_timeout_s)
+            log.error(
+                "a %s forward step is still running after %.0f s; leaving the backend open "
+                "rather than closing it under the step",
+                self.backend.name,
+                self.close_timeout_s,
+            )
         with self._ref_lock:
             if self._reference is not None and shadow_done:
                 self._reference.close()
@@ -212,7 +237,8 @@ class ModelRuntime:
             raise Unavailable(
                 f"model {self.name!r} is NOT_SERVING: the startup parity canary failed ({why}); "
                 "inference is refused until the backend matches the reference (ModelInfo and "
-                "CheckParity still answer); restart the server with --parity off to serve anyway")
+                "CheckParity still answer); restart the server with --parity off to serve anyway"
+            )
         return generator
 
     @contextmanager
@@ -226,7 +252,8 @@ class ModelRuntime:
             raise Unavailable(
                 f"the {self.backend.name} backend holds at most {self.admission_limit} KV cache(s) at "
                 f"once and all are in use by running requests (waited {self.admission_timeout_s:g} s); "
-                "retry later, or raise the limit (gpt2-deploy serve --kv-slots N)")
+                "retry later, or raise the limit (gpt2-deploy serve --kv-slots N)"
+            )
         try:
             yield
         finally:
@@ -254,15 +281,17 @@ class ModelRuntime:
 
         reference = self.reference()
         with self._admitted():
-            report = run_canary(self._locked_backend(), reference, self.tokenizer, self.tolerance,
-                                cancelled=cancelled)
+            report = run_canary(
+                self._locked_backend(), reference, self.tokenizer, self.tolerance, cancelled=cancelled
+            )
         self.canary_report = report
         self.canary = "passed" if report else "failed"
         self.metrics.parity_result("canary", bool(report), getattr(report, "max_abs", None))
         return report
 
-    def check_parity(self, prompt_ids: list[int], max_new_tokens: int,
-                     cancelled: Callable[[], bool] = lambda: False) -> Any:
+    def check_parity(
+        self, prompt_ids: list[int], max_new_tokens: int, cancelled: Callable[[], bool] = lambda: False
+    ) -> Any:
         """Whole-generation teacher-forced parity for one prompt (the CheckParity RPC).
 
         Allowed while NOT_SERVING (it is how a failed canary is investigated). The reference runs
@@ -277,9 +306,15 @@ class ModelRuntime:
         generator.validate(GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens))
         reference = self.reference()
         with self._admitted():
-            report = check_generation_parity(self._locked_backend(), reference, self.tokenizer,
-                                             prompt_ids, max_new_tokens, self.tolerance,
-                                             cancelled=cancelled)
+            report = check_generation_parity(
+                self._locked_backend(),
+                reference,
+                self.tokenizer,
+                prompt_ids,
+                max_new_tokens,
+                self.tolerance,
+                cancelled=cancelled,
+            )
         self.metrics.parity_result("rpc", bool(report), getattr(report, "max_abs", None))
         return report
 
@@ -288,8 +323,9 @@ class ModelRuntime:
         self._require_loaded()
         return self.tokenizer.encode(text)
 
-    def generate(self, req: GenerationRequest,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[TokenEvent | FinalEvent]:
+    def generate(
+        self, req: GenerationRequest, cancelled: Callable[[], bool] = lambda: False
+    ) -> Iterator[TokenEvent | FinalEvent]:
         """Validate ``req`` (raising before anything is streamed), then stream its events.
 
         The generation is admitted (one KV-cache place) before its first step and keeps the place
@@ -305,8 +341,9 @@ class ModelRuntime:
         generator.validate(req)
         return self._generate(generator, req, cancelled, started)
 
-    def _generate(self, generator: Generator, req: GenerationRequest,
-                  cancelled: Callable[[], bool], started: float) -> Iterator[TokenEvent | FinalEvent]:
+    def _generate(
+        self, generator: Generator, req: GenerationRequest, cancelled: Callable[[], bool], started: float
+    ) -> Iterator[TokenEvent | FinalEvent]:
         final: FinalEvent | None = None
         n_tokens = 0
         outcome = "cancelled"  # unless it finishes or fails: the consumer went away between steps
@@ -335,20 +372,28 @@ class ModelRuntime:
             if final is None:
                 self.metrics.generation(outcome, len(req.prompt_ids), n_tokens, None, [])
             else:
-                self.metrics.generation(final.finish_reason, final.prompt_tokens,
-                                        final.completion_tokens, final.time_to_first_token_s,
-                                        final.per_token_s)
+                self.metrics.generation(
+                    final.finish_reason,
+                    final.prompt_tokens,
+                    final.completion_tokens,
+                    final.time_to_first_token_s,
+                    final.per_token_s,
+                )
                 if self.shadow is not None and final.finish_reason != "cancelled" and final.token_ids:
-                    self.shadow.maybe_submit(list(req.prompt_ids), list(final.token_ids),
-                                             greedy=req.sampling.greedy)
+                    self.shadow.maybe_submit(
+                        list(req.prompt_ids), list(final.token_ids), greedy=req.sampling.greedy
+                    )
 
     def score(self, ids: list[int], top_k: int = 0) -> ScoreResult:
         """``Generator.score`` with only the forward under the backend lock."""
         generator = self._require_serving()
         generator.check_score(ids, top_k)
         if top_k == 0:
-            self._check_response_size(len(ids) * self.bundle.dims.vocab_size * 4, "Score logits",
-                                      "ask for top_k > 0 instead of the full logits")
+            self._check_response_size(
+                len(ids) * self.bundle.dims.vocab_size * 4,
+                "Score logits",
+                "ask for top_k > 0 instead of the full logits",
+            )
         with self._admitted():
             return generator.score(ids, top_k, turn=self._backend_turn)
 
@@ -359,8 +404,9 @@ class ModelRuntime:
         """
         self._require_serving()
         b, s = input_ids.shape
-        self._check_response_size(b * s * self.bundle.dims.vocab_size * 4, "logits",
-                                  "send fewer tokens per request")
+        self._check_response_size(
+            b * s * self.bundle.dims.vocab_size * 4, "logits", "send fewer tokens per request"
+        )
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids, dtype=np.int64)
         position_ids = left_padded_positions(attention_mask)
@@ -370,18 +416,27 @@ class ModelRuntime:
 
     def _check_response_size(self, nbytes: int, what: str, hint: str) -> None:
         if nbytes > self.max_response_bytes:
-            raise OutOfRange(f"{what} would take {nbytes / 2**20:.1f} MiB, above the server's "
-                             f"message limit of {self.max_response_bytes / 2**20:.0f} MiB; {hint} "
-                             "(or start the server with a larger --max-message-mb)")
+            raise OutOfRange(
+                f"{what} would take {nbytes / 2**20:.1f} MiB, above the server's "
+                f"message limit of {self.max_response_bytes / 2**20:.0f} MiB; {hint} "
+                "(or start the server with a larger --max-message-mb)"
+            )
 
     # --- info ----------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest
         backend_info = self.backend.info() if self.backend.is_loaded else {"backend": self.backend.name}
-        return {"name": m.name, "source": m.source, "precision": m.precision,
-                "backend": self.backend.name, "device": self.backend.options.device,
-                "dims": m.dims, "state": self.state, "canary": self.canary,
-                "backend_info": backend_info}
+        return {
+            "name": m.name,
+            "source": m.source,
+            "precision": m.precision,
+            "backend": self.backend.name,
+            "device": self.backend.options.device,
+            "dims": m.dims,
+            "state": self.state,
+            "canary": self.canary,
+            "backend_info": backend_info,
+        }
 
 
 def summary(report: Any) -> str:

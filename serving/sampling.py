@@ -50,15 +50,20 @@ class SamplingParams:
             problems.append(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {t!r}")
         k = self.top_k
         k_max = vocab_size if vocab_size is not None else "vocab_size"
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 or (
-                vocab_size is not None and k > vocab_size):
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, (int, np.integer))
+            or k < 0
+            or (vocab_size is not None and k > vocab_size)
+        ):
             problems.append(f"top_k must be an integer in [0, {k_max}] (0 = off), got {k!r}")
         p = self.top_p
         if not isinstance(p, (int, float)) or not np.isfinite(p) or not 0 < p <= 1:
             problems.append(f"top_p must be in (0, 1] (1 = off), got {p!r}")
         s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer))
-                              or not 0 <= s <= MAX_SEED):
+        if s is not None and (
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED
+        ):
             problems.append(f"seed must be an integer in [0, 2**64) or unset, got {s!r}")
         if problems:
             raise InvalidInput("invalid sampling parameters: " + "; ".join(problems))

@@ -119,8 +119,10 @@ class ServeOptions:
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if not 2 <= self.max_message_mb <= 2047:
-            problems.append(f"max_message_mb must be in [2, 2047] (1 MiB is kept for the message "
-                            f"around a tensor; gRPC's limit is 2 GiB), got {self.max_message_mb}")
+            problems.append(
+                f"max_message_mb must be in [2, 2047] (1 MiB is kept for the message "
+                f"around a tensor; gRPC's limit is 2 GiB), got {self.max_message_mb}"
+            )
         if self.max_new_tokens_limit < 1:
             problems.append(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
         if self.kv_slots is not None and self.kv_slots < 1:
@@ -142,9 +144,16 @@ def _hostport(host: str, port: int) -> str:
 class RunningServer:
     """A started server. ``stop()`` (or leaving the ``with`` block) shuts it down in order."""
 
-    def __init__(self, server: grpc.Server, port: int, options: ServeOptions, runtime: ModelRuntime,
-                 health_servicer: health.HealthServicer, metrics: ServerMetrics,
-                 metrics_port: int | None):
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        options: ServeOptions,
+        runtime: ModelRuntime,
+        health_servicer: health.HealthServicer,
+        metrics: ServerMetrics,
+        metrics_port: int | None,
+    ):
         self.server = server
         self.port = port
         self.options = options
@@ -161,8 +170,9 @@ class RunningServer:
         return _hostport(self.options.host, self.port)
 
     def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in HEALTH_SERVICES:
             self.health.set(name, status)
         self.metrics.ready.set(1 if serving else 0)
@@ -174,8 +184,7 @@ class RunningServer:
             if self._stopped.is_set():
                 return
             grace = self.options.grace_s if grace is None else grace
-            log.info("shutting down: health NOT_SERVING, waiting up to %.1f s for in-flight RPCs",
-                     grace)
+            log.info("shutting down: health NOT_SERVING, waiting up to %.1f s for in-flight RPCs", grace)
             self.runtime.state = STOPPING
             self.metrics.ready.set(0)
             self.health.enter_graceful_shutdown()
@@ -196,8 +205,9 @@ class RunningServer:
         self.stop()
 
 
-def build_server(opts: ServeOptions, *, backend: Backend | None = None,
-                 stop: threading.Event | None = None) -> RunningServer:
+def build_server(
+    opts: ServeOptions, *, backend: Backend | None = None, stop: threading.Event | None = None
+) -> RunningServer:
     """Open the bundle, start the gRPC server, load the backend, run the canary.
 
     Args:
@@ -218,41 +228,61 @@ def build_server(opts: ServeOptions, *, backend: Backend | None = None,
     opts.check()
     bundle = Bundle.open(opts.bundle)
     if backend is None:
-        backend = create_backend(opts.backend, bundle, backend_options(
-            opts.backend, opts.device, threads=opts.threads, engine=opts.engine,
-            trt_runtime=opts.trt_runtime, kv_slots=opts.kv_slots))
+        backend = create_backend(
+            opts.backend,
+            bundle,
+            backend_options(
+                opts.backend,
+                opts.device,
+                threads=opts.threads,
+                engine=opts.engine,
+                trt_runtime=opts.trt_runtime,
+                kv_slots=opts.kv_slots,
+            ),
+        )
 
     metrics = ServerMetrics()
     max_bytes = opts.max_message_mb << 20
     runtime = ModelRuntime(  # the tolerance comes from the backend once it is loaded
-        bundle, backend, metrics=metrics,
-        max_new_tokens_limit=opts.max_new_tokens_limit, reference_device=opts.reference_device,
+        bundle,
+        backend,
+        metrics=metrics,
+        max_new_tokens_limit=opts.max_new_tokens_limit,
+        reference_device=opts.reference_device,
         max_response_bytes=max_bytes - (1 << 20),  # headroom for the message around the tensor
-        parity_mode=opts.parity, admission_timeout_s=opts.admission_timeout_s)
+        parity_mode=opts.parity,
+        admission_timeout_s=opts.admission_timeout_s,
+    )
 
     interceptor = ErrorInterceptor(on_request=metrics.request, on_error=metrics.error)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="grpc"),
         interceptors=[interceptor],
-        options=[("grpc.max_send_message_length", max_bytes),
-                 ("grpc.max_receive_message_length", max_bytes),
-                 ("grpc.so_reuseport", 0)])
+        options=[
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
     kserve = KServeServicer(runtime, metrics)
     api_grpc.add_Gpt2DeployServicer_to_server(Gpt2DeployServicer(runtime, kserve.models), server)
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (API_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (API_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
 
     try:
         port = server.add_insecure_port(_hostport(opts.host, opts.port))
     except RuntimeError as e:  # grpcio raises on a failed bind
-        raise OSError(f"cannot listen on {_hostport(opts.host, opts.port)}: {e} "
-                      "(port in use, or not a local address?)") from None
+        raise OSError(
+            f"cannot listen on {_hostport(opts.host, opts.port)}: {e} (port in use, or not a local address?)"
+        ) from None
     if port == 0:
-        raise OSError(f"cannot listen on {_hostport(opts.host, opts.port)} "
-                      "(port in use, or not a local address?)")
+        raise OSError(
+            f"cannot listen on {_hostport(opts.host, opts.port)} (port in use, or not a local address?)"
+        )
 
     metrics_port = metrics.start_http(opts.metrics_port, opts.host) if opts.metrics_port else None
     running = RunningServer(server, port, opts, runtime, health_servicer, metrics, metrics_port)
@@ -281,8 +311,13 @@ def build_server(opts: ServeOptions, *, backend: Backend | None = None,
         running.stop(grace=0)
         raise
     running.set_serving(runtime.state == SERVING)
-    log.info("%s: %s on %s, health %s", running.address, bundle.name, backend.name,
-             "SERVING" if runtime.ready else "NOT_SERVING")
+    log.info(
+        "%s: %s on %s, health %s",
+        running.address,
+        bundle.name,
+        backend.name,
+        "SERVING" if runtime.ready else "NOT_SERVING",
+    )
     return running
 
 
@@ -309,11 +344,15 @@ def _canary(runtime: ModelRuntime, mode: str, cancelled=None) -> bool:
     if report:
         log.info("startup canary passed: %s", summary(report))
         return True
-    message = (f"startup canary FAILED for backend {runtime.backend.name!r}: {summary(report)}")
+    message = f"startup canary FAILED for backend {runtime.backend.name!r}: {summary(report)}"
     if mode == "strict":
         raise ParityRefused(f"{message}; --parity strict refuses to serve\n{report}")
-    log.error("%s; health stays NOT_SERVING and inference requests get UNAVAILABLE (--parity warn; "
-              "--parity off serves anyway)\n%s", message, report)
+    log.error(
+        "%s; health stays NOT_SERVING and inference requests get UNAVAILABLE (--parity warn; "
+        "--parity off serves anyway)\n%s",
+        message,
+        report,
+    )
     return False
 
 
@@ -352,8 +391,13 @@ def serve(opts: ServeOptions) -> int:
             log.error("cannot start: %s", e)  # startup errors become a message and an exit code
             return EXIT_STARTUP
         extra = f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""
-        log.info("serving %s with %s on %s%s; SIGTERM or Ctrl-C stops", running.runtime.name,
-                 running.runtime.backend.name, running.address, extra)
+        log.info(
+            "serving %s with %s on %s%s; SIGTERM or Ctrl-C stops",
+            running.runtime.name,
+            running.runtime.backend.name,
+            running.address,
+            extra,
+        )
         while not stop.wait(0.5):
             pass
         log.info("received %s", received[0] if received else "stop")

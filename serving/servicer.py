@@ -52,8 +52,9 @@ def sampling_params(s: pb.SamplingParams) -> SamplingParams:
 def generation_request(runtime: ModelRuntime, request: pb.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
         prompt_ids=prompt_ids(runtime, request, "prompt"),
-        max_new_tokens=(request.max_new_tokens if request.HasField("max_new_tokens")
-                        else DEFAULT_MAX_NEW_TOKENS),
+        max_new_tokens=(
+            request.max_new_tokens if request.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+        ),
         sampling=sampling_params(request.sampling),
         stop_token_ids=list(request.stop_token_ids),
         stop_strings=list(request.stop_strings),
@@ -64,9 +65,13 @@ def generation_request(runtime: ModelRuntime, request: pb.GenerateRequest) -> Ge
 def finish_message(final: FinalEvent) -> pb.Finish:
     return pb.Finish(
         reason=FINISH_REASONS.get(final.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-        prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
-        token_ids=final.token_ids, text=final.text,
-        time_to_first_token_s=final.time_to_first_token_s, per_token_s=final.per_token_s)
+        prompt_tokens=final.prompt_tokens,
+        completion_tokens=final.completion_tokens,
+        token_ids=final.token_ids,
+        text=final.text,
+        time_to_first_token_s=final.time_to_first_token_s,
+        per_token_s=final.per_token_s,
+    )
 
 
 def tensor(a: np.ndarray) -> pb.Tensor:
@@ -78,14 +83,29 @@ def parity_response(report, served: str) -> pb.CheckParityResponse:
     tol = report.tolerance
     first = report.first_diverging_step
     return pb.CheckParityResponse(
-        passed=bool(report), tolerance=tol.name, atol=tol.atol, min_top1=tol.min_top1,
-        max_abs=report.max_abs, top1_agreement=report.top1_agreement,
+        passed=bool(report),
+        tolerance=tol.name,
+        atol=tol.atol,
+        min_top1=tol.min_top1,
+        max_abs=report.max_abs,
+        top1_agreement=report.top1_agreement,
         first_diverging_step=-1 if first is None else first,
-        steps=[pb.ParityStep(case=c.case, max_abs=c.max_abs, mean_abs=c.mean_abs,
-                             top1_agreement=c.top1_agreement, positions=c.positions, passed=c.passed)
-               for c in report.cases],
-        report=str(report), report_json=json.dumps(report.to_json()),
-        served_backend=served, reference_backend="torch")
+        steps=[
+            pb.ParityStep(
+                case=c.case,
+                max_abs=c.max_abs,
+                mean_abs=c.mean_abs,
+                top1_agreement=c.top1_agreement,
+                positions=c.positions,
+                passed=c.passed,
+            )
+            for c in report.cases
+        ],
+        report=str(report),
+        report_json=json.dumps(report.to_json()),
+        served_backend=served,
+        reference_backend="torch",
+    )
 
 
 class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
@@ -93,14 +113,16 @@ class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
         self.runtime = runtime
         self.kserve_models = list(kserve_models or [])
 
-    def Generate(self, request: pb.GenerateRequest,
-                 context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
         req = generation_request(self.runtime, request)
         streamed = ""
         for event in self.runtime.generate(req, cancelled=lambda: not context.is_active()):
             if isinstance(event, FinalEvent):
-                yield pb.GenerateResponse(text=remaining_text(event.text, streamed),
-                                          finish=finish_message(event))
+                yield pb.GenerateResponse(
+                    text=remaining_text(event.text, streamed), finish=finish_message(event)
+                )
             else:
                 streamed += event.text
                 yield pb.GenerateResponse(token_ids=event.token_ids, text=event.text)
@@ -116,23 +138,34 @@ class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
             response.top_logprobs.CopyFrom(tensor(result.top_logprobs.astype(np.float32)))
         return response
 
-    def ModelInfo(self, request: pb.ModelInfoRequest,
-                  context: grpc.ServicerContext) -> pb.ModelInfoResponse:
+    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
         rt = self.runtime
         info = rt.info()
         d = rt.bundle.dims
         report = rt.canary_report
         return pb.ModelInfoResponse(
-            name=info["name"], source=info["source"], precision=info["precision"],
-            backend=info["backend"], device=info["device"], n_layer=d.n_layer, n_head=d.n_head,
-            n_embd=d.n_embd, vocab_size=d.vocab_size, n_positions=d.n_positions,
-            eos_token_id=d.eos_token_id, parity_mode=rt.parity_mode,
-            canary=rt.canary, backend_info_json=json.dumps(info["backend_info"], default=str),
+            name=info["name"],
+            source=info["source"],
+            precision=info["precision"],
+            backend=info["backend"],
+            device=info["device"],
+            n_layer=d.n_layer,
+            n_head=d.n_head,
+            n_embd=d.n_embd,
+            vocab_size=d.vocab_size,
+            n_positions=d.n_positions,
+            eos_token_id=d.eos_token_id,
+            parity_mode=rt.parity_mode,
+            canary=rt.canary,
+            backend_info_json=json.dumps(info["backend_info"], default=str),
             canary_report_json=json.dumps(report.to_json()) if report is not None else "",
-            ready=rt.ready, kserve_models=self.kserve_models)
+            ready=rt.ready,
+            kserve_models=self.kserve_models,
+        )
 
-    def CheckParity(self, request: pb.CheckParityRequest,
-                    context: grpc.ServicerContext) -> pb.CheckParityResponse:
+    def CheckParity(
+        self, request: pb.CheckParityRequest, context: grpc.ServicerContext
+    ) -> pb.CheckParityResponse:
         ids = prompt_ids(self.runtime, request, "prompt")
         n = request.max_new_tokens if request.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
         report = self.runtime.check_parity(ids, n, cancelled=lambda: not context.is_active())

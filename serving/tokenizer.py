@@ -112,8 +112,10 @@ class Tokenizer:
                 tk.add_special_tokens([EOS_TOKEN])
             return cls(tk)
         present = sorted(p.name for p in root.iterdir())[:12] if root.is_dir() else "no such directory"
-        raise FileNotFoundError(f"{root}: no tokenizer found; expected {TOKENIZER_JSON} or "
-                                f"{VOCAB_FILE} + {MERGES_FILE}, found: {present}")
+        raise FileNotFoundError(
+            f"{root}: no tokenizer found; expected {TOKENIZER_JSON} or "
+            f"{VOCAB_FILE} + {MERGES_FILE}, found: {present}"
+        )
 
     def encode(self, text: str) -> list[int]:
         # No post-processing template: GPT-2 adds no BOS/EOS, whatever tokenizer.json says.

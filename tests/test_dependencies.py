@@ -31,8 +31,9 @@ sys.meta_path.insert(0, _Block())
 
 def _run(code: str, blocked: set[str]) -> subprocess.CompletedProcess:
     script = BLOCKER.format(blocked=sorted(blocked)) + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def all_modules() -> list[str]:
@@ -47,7 +48,8 @@ def all_modules() -> list[str]:
 def test_every_module_imports_without_tensorrt_or_cuda():
     mods = all_modules()
     assert len(mods) > 10, mods  # the walk found the project
-    proc = _run(f"""
+    proc = _run(
+        f"""
         import importlib
         failed = []
         for m in {mods!r}:
@@ -57,12 +59,15 @@ def test_every_module_imports_without_tensorrt_or_cuda():
                 failed.append(f"{{m}}: {{type(e).__name__}}: {{e}}")
         print("\\n".join(failed))
         sys.exit(1 if failed else 0)
-        """, {"tensorrt", "tensorrt_lean", "tensorrt_dispatch", "cuda", "pycuda"})
+        """,
+        {"tensorrt", "tensorrt_lean", "tensorrt_dispatch", "cuda", "pycuda"},
+    )
     assert proc.returncode == 0, f"modules failing to import without tensorrt:\n{proc.stdout}{proc.stderr}"
 
 
 def test_cli_help_and_ort_serving_path_import_without_torch_or_tensorrt():
-    proc = _run("""
+    proc = _run(
+        """
         import importlib
         for m in ("deploy.cli", "serving.server", "serving.client", "serving.generation",
                   "serving.backends.ort_backend", "serving.parity", "export.manifest"):
@@ -76,17 +81,22 @@ def test_cli_help_and_ort_serving_path_import_without_torch_or_tensorrt():
             assert cmd in res.output, (cmd, res.output)
         assert "torch" not in sys.modules, "--help imported torch"
         print("ok")
-        """, {"torch", "transformers", "tensorrt", "tensorrt_lean", "cuda"})
+        """,
+        {"torch", "transformers", "tensorrt", "tensorrt_lean", "cuda"},
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("module", ["torch", "tensorrt"])
 def test_missing_dependency_names_the_extra(module):
-    proc = _run(f"""
+    proc = _run(
+        f"""
         from export.deps import require, MissingDependencyError
         try:
             require({module!r})
         except MissingDependencyError as e:
             print(e)
-        """, {module})
+        """,
+        {module},
+    )
     assert "pip install 'gpt2-deploy[" in proc.stdout, proc.stdout + proc.stderr

@@ -25,34 +25,61 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def export(
-    model: str = typer.Option(..., "--model", "-m", help="Preset (tiny, gpt2-124m, gpt2-355m, gpt2-774m, "
-                              "gpt2-1.5b), hub name (gpt2, gpt2-medium, ...) or local HF directory."),
-    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (a previous bundle "
-                             "there is replaced; a non-empty foreign directory is refused)."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="Preset (tiny, gpt2-124m, gpt2-355m, gpt2-774m, "
+        "gpt2-1.5b), hub name (gpt2, gpt2-medium, ...) or local HF directory.",
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Bundle directory to write (a previous bundle "
+        "there is replaced; a non-empty foreign directory is refused).",
+    ),
     precision: Precision = typer.Option("fp32", "--precision", "-p", help="Graph variant."),
     seed: int = typer.Option(0, "--seed", help="Weight seed of a preset."),
-    name: str | None = typer.Option(None, "--name", help="Model name in the manifest "
-                                    "(default: the preset, hub or directory name)."),
-    external_data: bool | None = typer.Option(None, "--external-data/--no-external-data",
-                                              help="Weights in model.onnx.data (default: only "
-                                              "when the graph would exceed ~1.8 GB)."),
-    validate: bool = typer.Option(True, "--validate/--no-validate",
-                                  help="Compare the graph with PyTorch (a failure exits 1)."),
-    reference: bool = typer.Option(True, "--reference/--no-reference",
-                                   help="Store the PyTorch checkpoint in BUNDLE/reference."),
-    int8_per_channel: bool = typer.Option(False, "--int8-per-channel",
-                                          help="int8: one weight scale per output channel."),
+    name: str | None = typer.Option(
+        None, "--name", help="Model name in the manifest (default: the preset, hub or directory name)."
+    ),
+    external_data: bool | None = typer.Option(
+        None,
+        "--external-data/--no-external-data",
+        help="Weights in model.onnx.data (default: only when the graph would exceed ~1.8 GB).",
+    ),
+    validate: bool = typer.Option(
+        True, "--validate/--no-validate", help="Compare the graph with PyTorch (a failure exits 1)."
+    ),
+    reference: bool = typer.Option(
+        True, "--reference/--no-reference", help="Store the PyTorch checkpoint in BUNDLE/reference."
+    ),
+    int8_per_channel: bool = typer.Option(
+        False, "--int8-per-channel", help="int8: one weight scale per output channel."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
-    verbose: bool = typer.Option(False, "--verbose", "-v",
-                                 help="Show the exporter's and ONNX Runtime's own output."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show the exporter's and ONNX Runtime's own output."
+    ),
 ) -> None:
     """Export a GPT-2 to a validated ONNX bundle (decoder graph with KV cache + tokenizer + manifest)."""
     from export.api import USER_ERRORS, ExportOptions, describe, export_bundle
     from export.validate import ValidationError
 
-    opts = ExportOptions(model=model, out=out, precision=precision.value, seed=seed, name=name,
-                         external_data=external_data, validate=validate, reference=reference,
-                         quiet=quiet, verbose=verbose, int8_per_channel=int8_per_channel)
+    opts = ExportOptions(
+        model=model,
+        out=out,
+        precision=precision.value,
+        seed=seed,
+        name=name,
+        external_data=external_data,
+        validate=validate,
+        reference=reference,
+        quiet=quiet,
+        verbose=verbose,
+        int8_per_channel=int8_per_channel,
+    )
     try:
         bundle = export_bundle(opts)
     except ValidationError as e:
@@ -60,8 +87,10 @@ def export(
         if quiet:
             print(e.report, file=sys.stderr)
         n = len(e.report.errors) + sum(not c for c in e.report.cases)
-        raise _fail(f"validation failed ({n} failure{'s' * (n != 1)}); the bundle is left in {out} "
-                    "for inspection, its manifest holds the report") from None
+        raise _fail(
+            f"validation failed ({n} failure{'s' * (n != 1)}); the bundle is left in {out} "
+            "for inspection, its manifest holds the report"
+        ) from None
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     print(describe(bundle))

@@ -21,15 +21,22 @@ def parity(
     device: str | None = opt.DEVICE,
     engine: str | None = opt.ENGINE,
     trt_runtime: str = opt.TRT_RUNTIME,
-    prompt: str | None = typer.Option(None, "--prompt",
-                                      help="Prompt text; without it the startup-canary prompts run."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n",
-                                       help="Steps to compare after the prompt (the reference's greedy "
-                                            "tokens are fed to both)."),
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="Prompt text; without it the startup-canary prompts run."
+    ),
+    max_new_tokens: int = typer.Option(
+        16,
+        "--max-new-tokens",
+        "-n",
+        help="Steps to compare after the prompt (the reference's greedy tokens are fed to both).",
+    ),
     reference_device: str = typer.Option("cpu", "--reference-device", help="Device of the torch reference."),
-    tolerance: str | None = typer.Option(None, "--tolerance",
-                                         help="Tolerance preset (fp32, tf32, fp16, int8, ...); default "
-                                              "picks it from the bundle's precision and the device."),
+    tolerance: str | None = typer.Option(
+        None,
+        "--tolerance",
+        help="Tolerance preset (fp32, tf32, fp16, int8, ...); default "
+        "picks it from the bundle's precision and the device.",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
     """Compare a backend with the PyTorch reference step by step; exit 1 when parity fails."""
@@ -37,10 +44,17 @@ def parity(
     from serving.errors import ServingError
     from serving.parity import ParityOptions, run_parity
 
-    opts = ParityOptions(bundle=str(bundle), backend=backend, device=device, engine=engine,
-                         trt_runtime=trt_runtime, prompt=prompt,
-                         max_new_tokens=max_new_tokens, reference_device=reference_device,
-                         tolerance=tolerance)
+    opts = ParityOptions(
+        bundle=str(bundle),
+        backend=backend,
+        device=device,
+        engine=engine,
+        trt_runtime=trt_runtime,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        reference_device=reference_device,
+        tolerance=tolerance,
+    )
     try:
         report = run_parity(opts)
     except (BundleError, ServingError, ValueError, ImportError, OSError, RuntimeError) as e:

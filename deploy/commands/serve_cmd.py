@@ -23,26 +23,36 @@ def serve(
     device: str | None = opt.DEVICE,
     engine: str | None = opt.ENGINE,
     trt_runtime: str = opt.TRT_RUNTIME,
-    host: str = typer.Option("127.0.0.1", "--host",
-                             help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it."
+    ),
     port: int = typer.Option(50051, "--port", "-p", help="gRPC port (0 picks a free one)."),
-    max_message_mb: int = typer.Option(256, "--max-message-mb",
-                                       help="Largest gRPC message, MiB (full-vocabulary logits)."),
-    grace: float = typer.Option(10.0, "--grace",
-                                help="Seconds in-flight streams get to finish on SIGTERM/SIGINT."),
-    parity: str = typer.Option("warn", "--parity",
-                               help="Startup canary: off | warn (failure -> health NOT_SERVING) | "
-                                    "strict (failure -> refuse to start, exit 3)."),
-    shadow_rate: float = typer.Option(0.0, "--shadow-rate",
-                                      help="Fraction of requests re-checked on the reference, off the "
-                                           "hot path."),
-    metrics_port: int = typer.Option(0, "--metrics-port",
-                                     help="Prometheus /metrics port on --host (0 = off)."),
+    max_message_mb: int = typer.Option(
+        256, "--max-message-mb", help="Largest gRPC message, MiB (full-vocabulary logits)."
+    ),
+    grace: float = typer.Option(
+        10.0, "--grace", help="Seconds in-flight streams get to finish on SIGTERM/SIGINT."
+    ),
+    parity: str = typer.Option(
+        "warn",
+        "--parity",
+        help="Startup canary: off | warn (failure -> health NOT_SERVING) | "
+        "strict (failure -> refuse to start, exit 3).",
+    ),
+    shadow_rate: float = typer.Option(
+        0.0, "--shadow-rate", help="Fraction of requests re-checked on the reference, off the hot path."
+    ),
+    metrics_port: int = typer.Option(
+        0, "--metrics-port", help="Prometheus /metrics port on --host (0 = off)."
+    ),
     workers: int = typer.Option(16, "--workers", help="gRPC worker threads."),
     threads: int | None = typer.Option(None, "--threads", help="Backend intra-op threads."),
-    kv_slots: int | None = typer.Option(None, "--kv-slots",
-                                        help="tensorrt: KV caches (so generations) live at once "
-                                             "(default 2); more requests wait for a free one."),
+    kv_slots: int | None = typer.Option(
+        None,
+        "--kv-slots",
+        help="tensorrt: KV caches (so generations) live at once "
+        "(default 2); more requests wait for a free one.",
+    ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Serve a bundle over gRPC (our API + KServe v2 + health + reflection) until SIGTERM/SIGINT."""
@@ -54,13 +64,26 @@ def serve(
     if log_level.upper() not in LOG_LEVELS:
         print(f"error: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
         raise typer.Exit(2)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opts = ServeOptions(bundle=bundle, backend=backend, device=device, engine=engine,
-                        trt_runtime=trt_runtime, host=host, port=port,
-                        max_message_mb=max_message_mb, grace_s=grace, parity=parity,
-                        shadow_rate=shadow_rate, metrics_port=metrics_port, workers=workers,
-                        threads=threads, kv_slots=kv_slots)
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    opts = ServeOptions(
+        bundle=bundle,
+        backend=backend,
+        device=device,
+        engine=engine,
+        trt_runtime=trt_runtime,
+        host=host,
+        port=port,
+        max_message_mb=max_message_mb,
+        grace_s=grace,
+        parity=parity,
+        shadow_rate=shadow_rate,
+        metrics_port=metrics_port,
+        workers=workers,
+        threads=threads,
+        kv_slots=kv_slots,
+    )
     try:
         code = run(opts)
     except (OSError, RuntimeError) as e:  # e.g. a CUDA or tokenizer failure not mapped upstream
@@ -73,8 +96,9 @@ def generate(
     text: str = typer.Argument(..., help="The prompt."),
     server: str = typer.Option("127.0.0.1:50051", "--server", "-s", help="HOST:PORT of the server."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate at most."),
-    temperature: float | None = typer.Option(None, "--temperature", "-t",
-                                             help="Sample with this temperature (0 = greedy)."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", "-t", help="Sample with this temperature (0 = greedy)."
+    ),
     top_k: int | None = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
     seed: int | None = typer.Option(None, "--seed", help="Seed: same seed, same tokens."),
@@ -89,9 +113,17 @@ def generate(
     from serving.client import Gpt2DeployClient
 
     with Gpt2DeployClient(server, timeout=timeout) as client:
-        stream = client.generate(text, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, stop_token_ids=stop_id,
-                                 ignore_eos=ignore_eos)
+        stream = client.generate(
+            text,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_id,
+            ignore_eos=ignore_eos,
+        )
         try:
             for chunk in stream:
                 sys.stdout.write(chunk.text)
@@ -107,6 +139,8 @@ def generate(
     f = stream.finish
     if f is not None:
         per_tok = sum(f.per_token_s) / len(f.per_token_s) * 1e3 if f.per_token_s else 0.0
-        print(f"[{stream.finish_reason}: {f.prompt_tokens} prompt + {f.completion_tokens} new tokens, "
-              f"first token {f.time_to_first_token_s * 1e3:.1f} ms, {per_tok:.2f} ms/token]",
-              file=sys.stderr)
+        print(
+            f"[{stream.finish_reason}: {f.prompt_tokens} prompt + {f.completion_tokens} new tokens, "
+            f"first token {f.time_to_first_token_s * 1e3:.1f} ms, {per_tok:.2f} ms/token]",
+            file=sys.stderr,
+        )

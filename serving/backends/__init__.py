@@ -20,9 +20,15 @@ def default_device(backend: str) -> str:
     return "cuda" if backend == "tensorrt" else "cpu"
 
 
-def backend_options(backend: str, device: str | None = None, *, threads: int | None = None,
-                    engine: str | None = None, trt_runtime: str = "auto",
-                    kv_slots: int | None = None) -> BackendOptions:
+def backend_options(
+    backend: str,
+    device: str | None = None,
+    *,
+    threads: int | None = None,
+    engine: str | None = None,
+    trt_runtime: str = "auto",
+    kv_slots: int | None = None,
+) -> BackendOptions:
     """BackendOptions from the CLI-level settings every command shares.
 
     ``kv_slots`` (tensorrt only): how many KV caches, so generations, may be live at once.
@@ -30,16 +36,16 @@ def backend_options(backend: str, device: str | None = None, *, threads: int | N
     extra: dict = {"runtime": trt_runtime} if backend == "tensorrt" else {}
     if backend == "tensorrt" and kv_slots is not None:
         extra["kv_slots"] = kv_slots
-    return BackendOptions(device=device or default_device(backend), threads=threads, engine=engine,
-                          extra=extra)
+    return BackendOptions(
+        device=device or default_device(backend), threads=threads, engine=engine, extra=extra
+    )
 
 
 def backend_class(name: str) -> type[Backend]:
     try:
         target = REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; available backends are: "
-                         f"{', '.join(REGISTRY)}") from None
+        raise ValueError(f"unknown backend {name!r}; available backends are: {', '.join(REGISTRY)}") from None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -49,5 +55,14 @@ def create_backend(name: str, bundle: Bundle, options: BackendOptions | None = N
     return backend_class(name)(bundle, options)
 
 
-__all__ = ["REGISTRY", "Backend", "BackendOptions", "KVCache", "StepOutput", "backend_class",
-           "backend_options", "create_backend", "default_device"]
+__all__ = [
+    "REGISTRY",
+    "Backend",
+    "BackendOptions",
+    "KVCache",
+    "StepOutput",
+    "backend_class",
+    "backend_options",
+    "create_backend",
+    "default_device",
+]

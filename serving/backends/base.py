@@ -185,8 +185,11 @@ class Backend(ABC):
 
     def _validate(self, input_ids, attention_mask, position_ids, past: KVCache) -> None:
         problems: list[str] = []
-        for nm, a in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                      ("position_ids", position_ids)):
+        for nm, a in (
+            ("input_ids", input_ids),
+            ("attention_mask", attention_mask),
+            ("position_ids", position_ids),
+        ):
             if a.ndim != 2:
                 problems.append(f"{nm} must be 2-D, got shape {list(a.shape)}")
             elif not np.issubdtype(a.dtype, np.integer):
@@ -201,8 +204,10 @@ class Backend(ABC):
         if past.batch != b:
             problems.append(f"past cache batch {past.batch} != input batch {b}")
         if attention_mask.shape != (b, past.length + s):
-            problems.append(f"attention_mask shape {list(attention_mask.shape)} != "
-                            f"[batch, past + seq] = {[b, past.length + s]}")
+            problems.append(
+                f"attention_mask shape {list(attention_mask.shape)} != "
+                f"[batch, past + seq] = {[b, past.length + s]}"
+            )
         if problems:
             raise InvalidInput("; ".join(problems))
         v = self.dims.vocab_size
@@ -210,12 +215,15 @@ class Backend(ABC):
             bad = input_ids[(input_ids < 0) | (input_ids >= v)]
             raise InvalidInput(f"token ids must be in [0, {v}); got {bad[:5].tolist()}")
         if past.length + s > self.dims.n_positions:
-            raise OutOfRange(f"past ({past.length}) + new tokens ({s}) = {past.length + s} exceeds "
-                             f"the model's context of {self.dims.n_positions} positions")
+            raise OutOfRange(
+                f"past ({past.length}) + new tokens ({s}) = {past.length + s} exceeds "
+                f"the model's context of {self.dims.n_positions} positions"
+            )
         n = self.dims.n_positions
         if position_ids.size and (position_ids.min() < 0 or position_ids.max() >= n):
-            raise OutOfRange(f"position ids must be in [0, {n}); got min {position_ids.min()} "
-                             f"max {position_ids.max()}")
+            raise OutOfRange(
+                f"position ids must be in [0, {n}); got min {position_ids.min()} max {position_ids.max()}"
+            )
 
     # --- to implement --------------------------------------------------------------------------
     @abstractmethod
@@ -228,8 +236,14 @@ class Backend(ABC):
     def _empty_cache_impl(self, batch: int) -> KVCache: ...
 
     @abstractmethod
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                 past: KVCache, last_only: bool) -> StepOutput: ...
+    def _forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: KVCache,
+        last_only: bool,
+    ) -> StepOutput: ...
 
     def _info_impl(self) -> dict[str, Any]:
         return {}

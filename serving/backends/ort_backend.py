@@ -53,10 +53,16 @@ def choose_providers(device: str, requested: list[str] | None, available: list[s
         wanted = [CPU]
     missing = [p for p in wanted if p not in available]
     if missing:
-        hint = (" (the CUDA provider comes with onnxruntime-gpu: pip install 'gpt2-deploy[gpu]', "
-                "plus an NVIDIA GPU and driver)" if CUDA in missing else "")
-        raise BackendUnavailable(f"onnxruntime execution provider(s) {missing} are not available for "
-                                 f"device {device!r}; this onnxruntime offers {available}{hint}")
+        hint = (
+            " (the CUDA provider comes with onnxruntime-gpu: pip install 'gpt2-deploy[gpu]', "
+            "plus an NVIDIA GPU and driver)"
+            if CUDA in missing
+            else ""
+        )
+        raise BackendUnavailable(
+            f"onnxruntime execution provider(s) {missing} are not available for "
+            f"device {device!r}; this onnxruntime offers {available}{hint}"
+        )
     if kind == "cuda" and CUDA not in wanted:
         raise BackendUnavailable(f"device {device!r} needs {CUDA} among the providers, got {wanted}")
     return [(p, {"device_id": index}) if p == CUDA else p for p in wanted]
@@ -83,13 +89,16 @@ class OrtBackend(Backend):
     def _load_impl(self) -> None:
         ort = require("onnxruntime")
         self._device = parse_device(self.options.device)
-        providers = choose_providers(self.options.device, self.options.providers,
-                                     ort.get_available_providers())
+        providers = choose_providers(
+            self.options.device, self.options.providers, ort.get_available_providers()
+        )
         so = ort.SessionOptions()
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
         level = self.options.extra.get("graph_optimization", "all")
         if level not in levels:
             raise BackendUnavailable(f"graph_optimization {level!r} is not one of {list(levels)}")
@@ -97,8 +106,10 @@ class OrtBackend(Backend):
         if self.options.threads:
             so.intra_op_num_threads = int(self.options.threads)
         if "allow_spinning" in self.options.extra:  # idle worker threads busy-wait (ORT default: on)
-            so.add_session_config_entry("session.intra_op.allow_spinning",
-                                        "1" if _truthy(self.options.extra["allow_spinning"]) else "0")
+            so.add_session_config_entry(
+                "session.intra_op.allow_spinning",
+                "1" if _truthy(self.options.extra["allow_spinning"]) else "0",
+            )
         if self.options.extra.get("inter_op_threads"):
             so.inter_op_num_threads = int(self.options.extra["inter_op_threads"])
         try:
@@ -118,8 +129,9 @@ class OrtBackend(Backend):
         if sorted(outs) != sorted(self.contract.output_names):
             problems.append(f"outputs {outs} != contract {self.contract.output_names}")
         if problems:
-            raise BackendUnavailable(f"{self.bundle.onnx_path} does not follow the bundle's I/O "
-                                     f"contract: {'; '.join(problems)}")
+            raise BackendUnavailable(
+                f"{self.bundle.onnx_path} does not follow the bundle's I/O contract: {'; '.join(problems)}"
+            )
 
     def _close_impl(self) -> None:
         self._session = None
@@ -129,12 +141,20 @@ class OrtBackend(Backend):
         c = self.contract
         kind, index = self._device
         shape = [batch, c.n_head, 0, c.head_dim]
-        values = [self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, kind, index)
-                  for _ in c.past_names]
+        values = [
+            self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, kind, index)
+            for _ in c.past_names
+        ]
         return OrtKVCache(batch, 0, values)
 
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                 past: KVCache, last_only: bool) -> StepOutput:
+    def _forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: KVCache,
+        last_only: bool,
+    ) -> StepOutput:
         if not isinstance(past, OrtKVCache):
             raise TypeError(f"OrtBackend needs an OrtKVCache, got {type(past).__name__}")
         c = self.contract
@@ -160,6 +180,9 @@ class OrtBackend(Backend):
         return StepOutput(logits=logits, present=present)
 
     def _info_impl(self) -> dict[str, Any]:
-        return {"providers": list(self._providers), "onnx": str(self.bundle.onnx_path),
-                "precision": self.bundle.manifest.precision,
-                "onnxruntime": getattr(self._ort, "__version__", None)}
+        return {
+            "providers": list(self._providers),
+            "onnx": str(self.bundle.onnx_path),
+            "precision": self.bundle.manifest.precision,
+            "onnxruntime": getattr(self._ort, "__version__", None),
+        }

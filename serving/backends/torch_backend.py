@@ -53,15 +53,22 @@ class TorchBackend(Backend):
         device = self.options.device
         kind, _ = parse_device(device)
         if kind == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailable(f"device {device!r} was asked for but torch {torch.__version__} "
-                                     "sees no CUDA GPU (torch.cuda.is_available() is False); "
-                                     "use --device cpu or a CUDA build of PyTorch on a GPU machine")
+            raise BackendUnavailable(
+                f"device {device!r} was asked for but torch {torch.__version__} "
+                "sees no CUDA GPU (torch.cuda.is_available() is False); "
+                "use --device cpu or a CUDA build of PyTorch on a GPU machine"
+            )
         ref = self.bundle.root / REFERENCE_DIR
         if not (ref / "config.json").is_file():
-            raise BackendUnavailable(f"{ref} holds no PyTorch checkpoint; re-export the bundle with "
-                                     "the reference checkpoint (export_bundle(..., reference=True))")
-        attn = self.options.extra.get("attn_implementation") or \
-            self.bundle.manifest.export.get("attn_implementation") or ATTN_IMPLEMENTATION
+            raise BackendUnavailable(
+                f"{ref} holds no PyTorch checkpoint; re-export the bundle with "
+                "the reference checkpoint (export_bundle(..., reference=True))"
+            )
+        attn = (
+            self.options.extra.get("attn_implementation")
+            or self.bundle.manifest.export.get("attn_implementation")
+            or ATTN_IMPLEMENTATION
+        )
         if self.options.threads:
             torch.set_num_threads(int(self.options.threads))
         tf_logging = transformers.utils.logging
@@ -69,7 +76,8 @@ class TorchBackend(Backend):
         tf_logging.disable_progress_bar()  # no tqdm bar in server logs and CLI reports
         try:
             model = transformers.GPT2LMHeadModel.from_pretrained(
-                ref, dtype=torch.float32, attn_implementation=attn)
+                ref, dtype=torch.float32, attn_implementation=attn
+            )
         finally:
             if bar:
                 tf_logging.enable_progress_bar()
@@ -85,8 +93,14 @@ class TorchBackend(Backend):
     def _empty_cache_impl(self, batch: int) -> KVCache:
         return TorchKVCache(batch, 0, [])
 
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                 past: KVCache, last_only: bool) -> StepOutput:
+    def _forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: KVCache,
+        last_only: bool,
+    ) -> StepOutput:
         from export.cache_adapter import forward_with_cache
 
         if not isinstance(past, TorchKVCache):
@@ -94,7 +108,8 @@ class TorchBackend(Backend):
         torch, dev = self._torch, self._device
         with torch.inference_mode():
             logits, layers = forward_with_cache(
-                self._model, past.layers,
+                self._model,
+                past.layers,
                 input_ids=torch.from_numpy(input_ids).to(dev),
                 attention_mask=torch.from_numpy(attention_mask).to(dev),
                 position_ids=torch.from_numpy(position_ids).to(dev),
@@ -110,6 +125,7 @@ class TorchBackend(Backend):
         info: dict[str, Any] = {"checkpoint": str(self.bundle.root / REFERENCE_DIR), "precision": "fp32"}
         if torch is not None:
             info["torch"] = torch.__version__
-            info["attn_implementation"] = getattr(self._model.config, "_attn_implementation", None) \
-                if self._model is not None else None
+            info["attn_implementation"] = (
+                getattr(self._model.config, "_attn_implementation", None) if self._model is not None else None
+            )
         return info

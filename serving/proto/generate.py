@@ -42,8 +42,9 @@ def proto_files() -> list[Path]:
 
 
 def generated_files(directory: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(directory.iterdir())
-            if p.is_file() and p.name.endswith(GENERATED_SUFFIXES)}
+    return {
+        p.name: p for p in sorted(directory.iterdir()) if p.is_file() and p.name.endswith(GENERATED_SUFFIXES)
+    }
 
 
 def run_protoc(out_root: Path) -> Path:
@@ -61,9 +62,15 @@ def run_protoc(out_root: Path) -> Path:
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     out_dir = out_root / REL_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["grpc_tools.protoc", f"-I{ROOT}", f"-I{well_known}", f"--python_out={out_root}",
-            f"--pyi_out={out_root}", f"--grpc_python_out={out_root}",
-            *(str(p.relative_to(ROOT)) for p in proto_files())]
+    args = [
+        "grpc_tools.protoc",
+        f"-I{ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        *(str(p.relative_to(ROOT)) for p in proto_files()),
+    ]
     rc = protoc.main(args)
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc}: {' '.join(args[1:])}")
@@ -92,29 +99,36 @@ def check(out_dir: Path, committed_dir: Path = PROTO_DIR) -> list[str]:
     for name in sorted(fresh.keys() & committed.keys()):
         new, old = _normalized(fresh[name].read_text()), _normalized(committed[name].read_text())
         if new != old:
-            diff = [d for d in difflib.unified_diff(old, new, lineterm="", n=0)
-                    if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+            diff = [
+                d
+                for d in difflib.unified_diff(old, new, lineterm="", n=0)
+                if d[:1] in "+-" and not d.startswith(("+++", "---"))
+            ]
             added = sum(d.startswith("+") for d in diff)
             removed = len(diff) - added
             first = diff[0] if diff else ""
-            problems.append(f"{REL_DIR / name}: stale (+{added}/-{removed} lines; first: "
-                            f"{first[:100]!r})")
+            problems.append(f"{REL_DIR / name}: stale (+{added}/-{removed} lines; first: {first[:100]!r})")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.proto.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="fail if the committed generated files are stale")
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.proto.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="fail if the committed generated files are stale"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = run_protoc(Path(tmp))
         if args.check:
             problems = check(out_dir)
             if problems:
-                print("generated gRPC code is stale; run `make proto` and commit the result:",
-                      file=sys.stderr)
+                print(
+                    "generated gRPC code is stale; run `make proto` and commit the result:", file=sys.stderr
+                )
                 for p in problems:
                     print(f"  - {p}", file=sys.stderr)
                 return 1

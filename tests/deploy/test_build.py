@@ -206,8 +206,11 @@ def _with_precision(bundle, tmp_path, precision):
 @pytest.mark.parametrize("precision", ["int8", "ort-fused"])
 def test_bundles_tensorrt_cannot_parse_are_refused(tiny_bundle, tmp_path, precision):
     b = _with_precision(tiny_bundle, tmp_path, precision)
-    with pytest.raises(OptionsError, match=rf"graph is {precision}; TensorRT builds from fp32 or fp16 bundles"
-                                           r" only .* export an fp32 bundle"):
+    with pytest.raises(
+        OptionsError,
+        match=rf"graph is {precision}; TensorRT builds from fp32 or fp16 bundles"
+        r" only .* export an fp32 bundle",
+    ):
         plan_build(b, BuildOptions())
     res = CliRunner().invoke(app, ["build", str(b.root), "--print-trtexec"])
     assert res.exit_code == 2 and "fp32 or fp16 bundles only" in res.output
@@ -227,8 +230,9 @@ def test_clipped_overrides_are_noted_and_printed(tiny_bundle):
     assert "--max-context 4096 is more than the model's 256 positions: clipped to 256" in plan.notes
     assert "--max-prompt 1000 is more than the max context: clipped to 256" in plan.notes
     assert not plan_build(tiny_bundle, BuildOptions(preset="server", max_context=128)).notes
-    res = CliRunner().invoke(app, ["build", str(tiny_bundle.root), "--max-context", "4096",
-                                   "--print-trtexec"])
+    res = CliRunner().invoke(
+        app, ["build", str(tiny_bundle.root), "--max-context", "4096", "--print-trtexec"]
+    )
     assert res.exit_code == 0 and "# note: --max-context 4096 is more than" in res.output
 
 
@@ -239,8 +243,9 @@ def test_print_trtexec_for_tensorrt_11_converts_first(tiny_bundle, tmp_path):
 
     from deploy.trtexec import format_command
 
-    res = CliRunner().invoke(app, ["build", str(tiny_bundle.root), "--preset", "orin-nano",
-                                   "--trt-major", "11", "--print-trtexec"])
+    res = CliRunner().invoke(
+        app, ["build", str(tiny_bundle.root), "--preset", "orin-nano", "--trt-major", "11", "--print-trtexec"]
+    )
     assert res.exit_code == 0, res.output
     out = res.output
     assert "TensorRT 11" in out and "make_variant(" in out and "--stronglyTyped" in out

@@ -94,17 +94,21 @@ def test_excluded_lean_runtime_needs_the_same_version():
     assert check_compatibility(e, rt(module="tensorrt_lean"))
     c = check_compatibility(e, rt(module="tensorrt_lean", tensorrt_version="10.14.1.48"))
     assert not c and "tensorrt-lean==10.13.3.9" in str(c)
-    major_only = check_compatibility(e, rt(tensorrt_version="10.14.1.48",
-                                           lean_library="/x/libnvinfer_lean.so.10"))
+    major_only = check_compatibility(
+        e, rt(tensorrt_version="10.14.1.48", lean_library="/x/libnvinfer_lean.so.10")
+    )
     assert major_only and "does not name its full version" in str(major_only)
-    exact = check_compatibility(e, rt(tensorrt_version="10.14.1.48",
-                                      lean_library="/x/libnvinfer_lean.so.10.13.3"))
+    exact = check_compatibility(
+        e, rt(tensorrt_version="10.14.1.48", lean_library="/x/libnvinfer_lean.so.10.13.3")
+    )
     assert exact and not exact.notes
-    wrong = check_compatibility(e, rt(tensorrt_version="10.14.1.48",
-                                      lean_library="/x/libnvinfer_lean.so.10.14.1"))
+    wrong = check_compatibility(
+        e, rt(tensorrt_version="10.14.1.48", lean_library="/x/libnvinfer_lean.so.10.14.1")
+    )
     assert not wrong and "is version 10.14.1: pass libnvinfer_lean of 10.13.3.9" in str(wrong)
-    assert not check_compatibility(e, rt(tensorrt_version="11.0.0.1",
-                                         lean_library="/x/libnvinfer_lean.so.11"))
+    assert not check_compatibility(
+        e, rt(tensorrt_version="11.0.0.1", lean_library="/x/libnvinfer_lean.so.11")
+    )
 
 
 def test_lean_library_version_from_the_file_name():

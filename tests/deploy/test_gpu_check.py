@@ -39,8 +39,9 @@ def test_a_bad_bundle_is_a_fail_row_not_a_crash(tmp_path):
     import tempfile
 
     before = {p.name for p in Path(tempfile.gettempdir()).glob("gpu-check-*")}
-    report = run_checks(out=tmp_path / "out", models=[], bundle=tmp_path / "no-bundle", budget=60,
-                        run_trt_tests=False)
+    report = run_checks(
+        out=tmp_path / "out", models=[], bundle=tmp_path / "no-bundle", budget=60, run_trt_tests=False
+    )
     row = next(r for r in report.rows if r.step == "open bundle no-bundle")
     assert row.status == FAIL and "no-bundle" in row.detail and not report
     assert "cuda_python" in report.environment  # reported (None where cuda-python is not installed)

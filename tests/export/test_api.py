@@ -49,8 +49,9 @@ def test_verbose_and_quiet(capfd):
 
 
 def test_options_are_checked_before_any_work(tmp_path):
-    with pytest.raises(OptionsError,
-                       match=r"precision 'fp8' is not supported; choose one of fp32, fp16, int8, ort-fused"):
+    with pytest.raises(
+        OptionsError, match=r"precision 'fp8' is not supported; choose one of fp32, fp16, int8, ort-fused"
+    ):
         export_bundle(ExportOptions(model="tiny", out=tmp_path / "b", precision="fp8"))
     assert not (tmp_path / "b").exists()
     (tmp_path / "file").write_text("x")

@@ -49,8 +49,11 @@ def test_exported_graph_has_and_uses_past_inputs(tiny_bundle):
     sess = ort.InferenceSession(str(tiny_bundle.onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == c.input_names
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": np.array([[5]], np.int64), "attention_mask": np.ones((1, 11), np.int64),
-             "position_ids": np.array([[10]], np.int64)}
+    feeds = {
+        "input_ids": np.array([[5]], np.int64),
+        "attention_mask": np.ones((1, 11), np.int64),
+        "position_ids": np.array([[10]], np.int64),
+    }
     for n in c.past_names:
         feeds[n] = rng.standard_normal(c.concrete_shape(n, batch=1, seq=1, past=10), dtype=np.float32)
     out = sess.run(None, feeds)

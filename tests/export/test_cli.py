@@ -20,8 +20,21 @@ CLI = Path(sys.executable).with_name("gpt2-deploy")
 
 def test_export_tiny_then_inspect(tmp_path):
     out = tmp_path / "b"
-    r = runner.invoke(app, ["export", "--model", "tiny", "--out", str(out), "--seed", "1",
-                            "--name", "tiny-cli", "--no-reference"])
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            "--model",
+            "tiny",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--name",
+            "tiny-cli",
+            "--no-reference",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["name"] == "tiny-cli" and summary["precision"] == "fp32"
@@ -62,8 +75,13 @@ def test_existing_foreign_directory_is_refused(tmp_path):
 @pytest.mark.skipif(not CLI.exists(), reason="the gpt2-deploy console script is not installed in this venv")
 def test_console_script_bad_model_name(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([str(CLI), "export", "--model", "no-such-model", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [str(CLI), "export", "--model", "no-such-model", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert p.returncode != 0
     assert "error: --model 'no-such-model' is not a preset" in p.stderr and "tiny" in p.stderr
     assert "Traceback" not in p.stderr + p.stdout
@@ -74,7 +92,12 @@ def test_make_export_wraps_the_cli(tmp_path):
     if make is None or not CLI.exists():
         pytest.skip("make or the console script is missing")
     root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([make, "-s", "-n", "export", "MODEL=tiny", f"OUT={tmp_path}/b"], cwd=root,
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [make, "-s", "-n", "export", "MODEL=tiny", f"OUT={tmp_path}/b"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0
-    assert "export --model \"tiny\" --out" in p.stdout  # dry run: the target is a thin wrapper
+    assert 'export --model "tiny" --out' in p.stdout  # dry run: the target is a thin wrapper

@@ -14,12 +14,21 @@ def contract() -> IOContract:
 
 def test_names_follow_the_layer_key_value_order(contract):
     assert contract.input_names == [
-        "input_ids", "attention_mask", "position_ids",
-        "past_key_values.0.key", "past_key_values.0.value",
-        "past_key_values.1.key", "past_key_values.1.value",
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
     ]
-    assert contract.output_names == ["logits", "present.0.key", "present.0.value",
-                                     "present.1.key", "present.1.value"]
+    assert contract.output_names == [
+        "logits",
+        "present.0.key",
+        "present.0.value",
+        "present.1.key",
+        "present.1.value",
+    ]
 
 
 def test_axes_and_concrete_shapes(contract):

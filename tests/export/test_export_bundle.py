@@ -42,11 +42,15 @@ def _feeds(contract, mask, seq, rng):
     b, total = mask.shape
     past = total - seq
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, past:].astype(np.int64)
-    feeds = {"input_ids": rng.integers(0, contract.vocab_size, (b, seq), dtype=np.int64),
-             "attention_mask": mask.astype(np.int64), "position_ids": pos}
+    feeds = {
+        "input_ids": rng.integers(0, contract.vocab_size, (b, seq), dtype=np.int64),
+        "attention_mask": mask.astype(np.int64),
+        "position_ids": pos,
+    }
     for n in contract.past_names:
-        feeds[n] = rng.standard_normal(contract.concrete_shape(n, batch=b, seq=seq, past=past),
-                                       dtype=np.float32)
+        feeds[n] = rng.standard_normal(
+            contract.concrete_shape(n, batch=b, seq=seq, past=past), dtype=np.float32
+        )
     return feeds
 
 
@@ -80,11 +84,13 @@ def test_incremental_decode_matches_full_prefill(tiny_bundle, session):
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int64)
     empty = {n: np.zeros((2, c.n_head, 0, c.head_dim), np.float32) for n in c.past_names}
     full = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty})
-    first = session.run(None, {"input_ids": ids[:, :6], "attention_mask": mask[:, :6],
-                               "position_ids": pos[:, :6], **empty})
+    first = session.run(
+        None, {"input_ids": ids[:, :6], "attention_mask": mask[:, :6], "position_ids": pos[:, :6], **empty}
+    )
     past = dict(zip(c.past_names, first[1:]))
-    step = session.run(None, {"input_ids": ids[:, 6:], "attention_mask": mask,
-                              "position_ids": pos[:, 6:], **past})
+    step = session.run(
+        None, {"input_ids": ids[:, 6:], "attention_mask": mask, "position_ids": pos[:, 6:], **past}
+    )
     assert np.abs(step[0][:, 0] - full[0][:, 6]).max() <= TOL
 
 
@@ -123,8 +129,11 @@ def test_graph_structure(tiny_bundle):
     # the attention-mask fill value is finite in fp16 (no finfo(float32).min left in the graph)
     from onnx import numpy_helper
 
-    smallest = min(float(numpy_helper.to_array(i).min()) for i in m.graph.initializer
-                   if i.data_type == onnx.TensorProto.FLOAT and 0 < np.prod(i.dims or [1]) <= 16)
+    smallest = min(
+        float(numpy_helper.to_array(i).min())
+        for i in m.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and 0 < np.prod(i.dims or [1]) <= 16
+    )
     assert smallest > -65504
 
 

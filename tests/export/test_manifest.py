@@ -12,11 +12,26 @@ from export.manifest import MANIFEST_FILE, SCHEMA_VERSION, Bundle, BundleError, 
 
 
 def _manifest() -> Manifest:
-    dims = ModelDims(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=256,
-                     eos_token_id=50256, bos_token_id=50256)
-    return Manifest(name="tiny", source="tiny", dims=dims,
-                    contract=IOContract(2, 4, 16, 50257), model_file="model.onnx",
-                    precision="fp32", files={}, export={"opset": 18}, validation={"passed": True})
+    dims = ModelDims(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        vocab_size=50257,
+        n_positions=256,
+        eos_token_id=50256,
+        bos_token_id=50256,
+    )
+    return Manifest(
+        name="tiny",
+        source="tiny",
+        dims=dims,
+        contract=IOContract(2, 4, 16, 50257),
+        model_file="model.onnx",
+        precision="fp32",
+        files={},
+        export={"opset": 18},
+        validation={"passed": True},
+    )
 
 
 def test_round_trip(tmp_path):
@@ -41,8 +56,11 @@ def test_schema_errors_are_named(tmp_path):
         (tmp_path / MANIFEST_FILE).write_text(json.dumps(d))
 
     write({**raw, "schema_version": SCHEMA_VERSION + 1})
-    with pytest.raises(BundleError, match=rf"schema_version {SCHEMA_VERSION + 1} is not supported; "
-                                          rf"this gpt2-deploy reads version {SCHEMA_VERSION}"):
+    with pytest.raises(
+        BundleError,
+        match=rf"schema_version {SCHEMA_VERSION + 1} is not supported; "
+        rf"this gpt2-deploy reads version {SCHEMA_VERSION}",
+    ):
         Bundle.open(tmp_path)
     write({**raw, "schema": "someone-else"})
     with pytest.raises(BundleError, match=r"schema 'someone-else', expected 'gpt2-deploy.bundle'"):
@@ -83,15 +101,21 @@ def test_tampered_and_missing_files_are_all_listed(bundle_copy):
 def test_truncated_file_reports_its_size(bundle_copy):
     data = (bundle_copy / "config.json").read_bytes()
     (bundle_copy / "config.json").write_bytes(data[:-10])
-    with pytest.raises(BundleError, match=rf"config.json: size is {len(data) - 10} bytes, "
-                                          rf"manifest says {len(data)}"):
+    with pytest.raises(
+        BundleError,
+        match=rf"config.json: size is {len(data) - 10} bytes, "
+        rf"manifest says {len(data)}",
+    ):
         Bundle.open(bundle_copy)
 
 
 def test_foreign_and_missing_directories(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(BundleError, match=r"no manifest.json \(found: \['weights.bin'\]\); create a bundle "
-                                          r"with `gpt2-deploy export`"):
+    with pytest.raises(
+        BundleError,
+        match=r"no manifest.json \(found: \['weights.bin'\]\); create a bundle "
+        r"with `gpt2-deploy export`",
+    ):
         Bundle.open(tmp_path)
     with pytest.raises(BundleError, match="the directory does not exist"):
         Bundle.open(tmp_path / "nope")

@@ -23,9 +23,14 @@ def test_directory_without_config(tmp_path):
         load_source(str(tmp_path))
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"},
-                                 # unroutable (TEST-NET-1): a connect would hang without a timeout
-                                 {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://192.0.2.1"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HF_HUB_OFFLINE": "1"},
+        # unroutable (TEST-NET-1): a connect would hang without a timeout
+        {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://192.0.2.1"},
+    ],
+)
 def test_hub_name_without_hub_fails_fast(monkeypatch, tmp_path, env):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing downloaded before
     for k, v in env.items():
@@ -63,8 +68,11 @@ def test_export_from_local_directory(tmp_path):
     assert m.name == "my-little-gpt2" and m.export["source_kind"] == "local" and m.export["seed"] is None
     assert m.validation["passed"] and m.validation["max_abs"] <= 1e-4
     assert (b.root / "tokenizer.json").is_file() and not (b.root / "TOKENIZER-LICENSE").exists()
-    named = export_bundle(ExportOptions(model=str(d), out=tmp_path / "bundle", name="custom",
-                                        validate=False, reference=False, quiet=True))
+    named = export_bundle(
+        ExportOptions(
+            model=str(d), out=tmp_path / "bundle", name="custom", validate=False, reference=False, quiet=True
+        )
+    )
     assert named.name == "custom" and named.manifest.validation == {"skipped": True}
 
 

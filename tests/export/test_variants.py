@@ -44,8 +44,10 @@ def test_variant_validates_against_its_preset(variant, tiny_model, tiny_bundle, 
     m = onnx.load(str(path))
     assert [i.name for i in m.graph.input] == tiny_bundle.contract.input_names
     assert [o.name for o in m.graph.output] == tiny_bundle.contract.output_names
-    assert all(v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
-               for v in (*m.graph.input, *m.graph.output))
+    assert all(
+        v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+        for v in (*m.graph.input, *m.graph.output)
+    )
     assert info.nodes_before > 0 and info.nodes_after > 0
     # the tied embedding / lm_head table is stored once in every variant
     assert sum(1 for i in m.graph.initializer if sorted(i.dims) == [64, 50257]) == 1
@@ -54,8 +56,9 @@ def test_variant_validates_against_its_preset(variant, tiny_model, tiny_bundle, 
 def test_fp16_keeps_sensitive_ops_in_fp32(variant, tiny_bundle):
     path, info = variant("fp16")
     m = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    types = {v.name: v.type.tensor_type.elem_type for v in (*m.graph.value_info, *m.graph.input,
-                                                             *m.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in (*m.graph.value_info, *m.graph.input, *m.graph.output)
+    }
     types.update({i.name: i.data_type for i in m.graph.initializer})
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     by_op = {}
@@ -85,12 +88,15 @@ def test_fp16_left_padding_is_finite(variant, tiny_bundle):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     b, s = 3, 12
     mask = np.ones((b, s), np.int64)
-    mask[0, :9] = 0   # mostly padding
+    mask[0, :9] = 0  # mostly padding
     mask[1, :11] = 0  # a single real token
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int64)
-    feeds = {"input_ids": np.random.default_rng(0).integers(0, c.vocab_size, (b, s), dtype=np.int64),
-             "attention_mask": mask, "position_ids": pos,
-             **{n: np.zeros((b, c.n_head, 0, c.head_dim), np.float32) for n in c.past_names}}
+    feeds = {
+        "input_ids": np.random.default_rng(0).integers(0, c.vocab_size, (b, s), dtype=np.int64),
+        "attention_mask": mask,
+        "position_ids": pos,
+        **{n: np.zeros((b, c.n_head, 0, c.head_dim), np.float32) for n in c.past_names},
+    }
     out = sess.run(None, feeds)
     valid = mask.astype(bool)
     assert np.isfinite(out[0][valid]).all()
@@ -132,8 +138,16 @@ def test_fp16_bundle_with_external_data(tmp_path):
     """The API path: an fp16 variant of a graph written with external data stays external."""
     from export.api import ExportOptions, export_bundle
 
-    b = export_bundle(ExportOptions(model="tiny", out=tmp_path / "fp16", precision="fp16",
-                                    external_data=True, reference=False, quiet=True))
+    b = export_bundle(
+        ExportOptions(
+            model="tiny",
+            out=tmp_path / "fp16",
+            precision="fp16",
+            external_data=True,
+            reference=False,
+            quiet=True,
+        )
+    )
     files = b.manifest.files
     assert set(files) >= {"model.onnx", "model.onnx.data"} and not (b.root / ".staging").exists()
     assert b.manifest.precision == "fp16" and b.manifest.validation["passed"]

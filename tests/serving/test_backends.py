@@ -30,8 +30,9 @@ def torch_backend(tiny_bundle):
 
 def _left_padded():
     """Two rows, the second left-padded by 3: ids, mask, position ids."""
-    ids = np.array([[464, 2068, 7586, 21831, 18045, 625],
-                    [50256, 50256, 50256, 15496, 995, 11]], dtype=np.int64)
+    ids = np.array(
+        [[464, 2068, 7586, 21831, 18045, 625], [50256, 50256, 50256, 15496, 995, 11]], dtype=np.int64
+    )
     mask = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=np.int64)
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     return ids, mask, pos
@@ -79,8 +80,9 @@ def test_ort_kv_cache_stays_in_ortvalues(ort_backend, tiny_bundle):
     assert nxt.present.length == 5
     assert [v.shape()[2] for v in nxt.present.values] == [5] * (2 * c.n_layer)
     # the cache written by ORT holds the same keys as recomputing the whole sequence
-    full = ort_backend.forward(np.array([[1, 2, 3, 4, 5]] * 3), np.ones((3, 5), np.int64),
-                               np.tile(np.arange(5), (3, 1)))
+    full = ort_backend.forward(
+        np.array([[1, 2, 3, 4, 5]] * 3), np.ones((3, 5), np.int64), np.tile(np.arange(5), (3, 1))
+    )
     np.testing.assert_allclose(nxt.present.values[0].numpy(), full.present.values[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(nxt.logits[:, -1], full.logits[:, -1], atol=1e-4)
 
@@ -106,8 +108,9 @@ def test_forward_validates_shapes_ids_and_context(ort_backend):
     from serving.backends.torch_backend import TorchKVCache
 
     with pytest.raises(TypeError, match="OrtKVCache"):  # another backend's cache is refused
-        ort_backend.forward(np.array([[1]]), np.ones((1, 1), np.int64), np.array([[0]]),
-                            TorchKVCache(1, 0, []))
+        ort_backend.forward(
+            np.array([[1]]), np.ones((1, 1), np.int64), np.array([[0]]), TorchKVCache(1, 0, [])
+        )
 
 
 def test_unknown_provider_lists_the_available_ones(tiny_bundle):

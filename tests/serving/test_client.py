@@ -22,22 +22,45 @@ def server(tiny_bundle):
 def test_generate_command_streams_greedy_text(server):
     rt = server.runtime
     want = rt.generator.generate(GenerationRequest(rt.encode("Hello, my name is"), 8))
-    res = runner.invoke(app, ["generate", "--server", server.address, "--max-new-tokens", "8",
-                              "Hello, my name is"])
+    res = runner.invoke(
+        app, ["generate", "--server", server.address, "--max-new-tokens", "8", "Hello, my name is"]
+    )
     assert res.exit_code == 0, res.output
     assert want.text in res.output
     assert f"{want.completion_tokens} new tokens" in res.output and "ms/token" in res.output
 
 
 def test_generate_command_seeded_sampling_and_stop(server):
-    args = ["generate", "-s", server.address, "-n", "12", "--temperature", "0.8", "--top-k", "40",
-            "--top-p", "0.9", "--seed", "3", "--ignore-eos", "Once upon a time"]
+    args = [
+        "generate",
+        "-s",
+        server.address,
+        "-n",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--ignore-eos",
+        "Once upon a time",
+    ]
     a, b = runner.invoke(app, args), runner.invoke(app, args)
     assert a.exit_code == b.exit_code == 0
     assert a.output.split("\n[")[0] == b.output.split("\n[")[0]  # the text; timings differ
     with Gpt2DeployClient(server.address) as c:
-        want = c.generate("Once upon a time", max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.9,
-                          seed=3, ignore_eos=True).result()
+        want = c.generate(
+            "Once upon a time",
+            max_new_tokens=12,
+            temperature=0.8,
+            top_k=40,
+            top_p=0.9,
+            seed=3,
+            ignore_eos=True,
+        ).result()
     assert want.text in a.output
     stop_id = want.token_ids[0]
     res = runner.invoke(app, args + ["--stop-id", str(stop_id)])

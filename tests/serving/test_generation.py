@@ -27,8 +27,10 @@ def tokenizer(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def backends(tiny_bundle):
-    loaded = {name: create_backend(name, tiny_bundle, BackendOptions(threads=1)).load()
-              for name in ("onnxruntime", "torch")}
+    loaded = {
+        name: create_backend(name, tiny_bundle, BackendOptions(threads=1)).load()
+        for name in ("onnxruntime", "torch")
+    }
     yield loaded
     for b in loaded.values():
         b.close()
@@ -58,17 +60,23 @@ def hf_greedy(backends, tokenizer, prompts):
     ids = [tokenizer.encode(p) for p in prompts]
     single = []
     for p in ids:
-        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=N, do_sample=False, pad_token_id=50256)
-        single.append(out[0, len(p):].tolist())
+        out = model.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=N,
+            do_sample=False,
+            pad_token_id=50256,
+        )
+        single.append(out[0, len(p) :].tolist())
     w = max(map(len, ids))
     x = torch.full((len(ids), w), 50256)
     m = torch.zeros((len(ids), w), dtype=torch.long)
     for i, p in enumerate(ids):
-        x[i, w - len(p):] = torch.tensor(p)
-        m[i, w - len(p):] = 1
-    batch = model.generate(x, attention_mask=m, max_new_tokens=N, do_sample=False,
-                           pad_token_id=50256)[:, w:].tolist()
+        x[i, w - len(p) :] = torch.tensor(p)
+        m[i, w - len(p) :] = 1
+    batch = model.generate(x, attention_mask=m, max_new_tokens=N, do_sample=False, pad_token_id=50256)[
+        :, w:
+    ].tolist()
     assert len({len(p) for p in ids}) > 1  # the batch really is padded
     return ids, single, batch
 
@@ -110,8 +118,11 @@ def test_seeded_sampling_is_reproducible(gen, tokenizer, prompts):
     sp = SamplingParams(do_sample=True, temperature=1.5, top_k=200, top_p=0.95, seed=1234)
     a = gen.generate(GenerationRequest(prompt, 10, sp)).token_ids
     b = gen.generate(GenerationRequest(prompt, 10, sp)).token_ids
-    c = gen.generate(GenerationRequest(prompt, 10, SamplingParams(do_sample=True, temperature=1.5,
-                                                                   top_k=200, top_p=0.95, seed=99))).token_ids
+    c = gen.generate(
+        GenerationRequest(
+            prompt, 10, SamplingParams(do_sample=True, temperature=1.5, top_k=200, top_p=0.95, seed=99)
+        )
+    ).token_ids
     assert a == b
     assert a != c
     # a batch row samples like a single request with the same seed
@@ -120,9 +131,11 @@ def test_seeded_sampling_is_reproducible(gen, tokenizer, prompts):
 
 def test_top_k_1_and_tiny_top_p_sample_the_argmax(gen, hf_greedy):
     ids, single, _ = hf_greedy
-    for sp in (SamplingParams(do_sample=True, top_k=1, seed=0),
-               SamplingParams(do_sample=True, top_p=1e-9, temperature=2.0, seed=0),
-               SamplingParams(do_sample=True, temperature=0.0)):
+    for sp in (
+        SamplingParams(do_sample=True, top_k=1, seed=0),
+        SamplingParams(do_sample=True, top_p=1e-9, temperature=2.0, seed=0),
+        SamplingParams(do_sample=True, temperature=0.0),
+    ):
         assert gen.generate(GenerationRequest(ids[0], N, sp)).token_ids == single[0]
 
 
@@ -163,7 +176,7 @@ def test_eos_ends_with_reason_eos(gen, hf_greedy):
 def test_stop_string_cuts_the_text_and_is_never_streamed(gen, hf_greedy, tokenizer):
     ids, single, _ = hf_greedy
     full = tokenizer.decode(single[0])
-    stop = full[len(full) // 2: len(full) // 2 + 3]  # spans token boundaries in the middle
+    stop = full[len(full) // 2 : len(full) // 2 + 3]  # spans token boundaries in the middle
     cut = full.index(stop)
     tokens, final = _run(gen, GenerationRequest(ids[0], N, stop_strings=["@@never", stop]))
     assert final.finish_reason == "stop"
@@ -171,7 +184,7 @@ def test_stop_string_cuts_the_text_and_is_never_streamed(gen, hf_greedy, tokeniz
     streamed = "".join(e.text for e in tokens)
     assert streamed == final.text
     assert stop not in streamed
-    assert final.token_ids == single[0][:len(final.token_ids)]
+    assert final.token_ids == single[0][: len(final.token_ids)]
 
 
 def test_cancellation_stops_and_reports(gen, tokenizer, prompts):
@@ -188,22 +201,49 @@ def test_cancellation_stops_and_reports(gen, tokenizer, prompts):
     assert final.finish_reason == "cancelled" and final.completion_tokens == 0
 
 
-@pytest.mark.parametrize("req, error, message", [
-    (GenerationRequest([]), InvalidInput, "the prompt is empty"),
-    (GenerationRequest([1, 50257, -3]), InvalidInput, r"\[0, 50257\).*\[50257, -3\]"),
-    (GenerationRequest([1], max_new_tokens=0), InvalidInput,
-     r"max_new_tokens must be an integer in \[1, 4096\]"),
-    (GenerationRequest([1], max_new_tokens=10**9), InvalidInput, "max_new_tokens"),
-    (GenerationRequest([1] * 200, max_new_tokens=100), OutOfRange, r"300 exceeds the model's context of 256"),
-    (GenerationRequest([1], sampling=SamplingParams(do_sample=True, temperature=-1.0)), InvalidInput,
-     r"temperature must be in \[0, 100\]"),
-    (GenerationRequest([1], sampling=SamplingParams(top_p=0.0, top_k=-1)), InvalidInput,
-     r"top_k must be an integer in \[0, 50257\].*top_p must be in \(0, 1\]"),
-    (GenerationRequest([1], sampling=SamplingParams(seed=-5)), InvalidInput, "seed"),
-    (GenerationRequest([1], stop_strings=[""]), InvalidInput, "stop strings must be non-empty"),
-    (GenerationRequest([1], stop_token_ids=[60000]), InvalidInput, "stop_token_ids"),
-], ids=["empty", "vocab", "zero-tokens", "absurd-tokens", "context", "temperature", "top-k-top-p",
-        "seed", "stop-string", "stop-id"])
+@pytest.mark.parametrize(
+    "req, error, message",
+    [
+        (GenerationRequest([]), InvalidInput, "the prompt is empty"),
+        (GenerationRequest([1, 50257, -3]), InvalidInput, r"\[0, 50257\).*\[50257, -3\]"),
+        (
+            GenerationRequest([1], max_new_tokens=0),
+            InvalidInput,
+            r"max_new_tokens must be an integer in \[1, 4096\]",
+        ),
+        (GenerationRequest([1], max_new_tokens=10**9), InvalidInput, "max_new_tokens"),
+        (
+            GenerationRequest([1] * 200, max_new_tokens=100),
+            OutOfRange,
+            r"300 exceeds the model's context of 256",
+        ),
+        (
+            GenerationRequest([1], sampling=SamplingParams(do_sample=True, temperature=-1.0)),
+            InvalidInput,
+            r"temperature must be in \[0, 100\]",
+        ),
+        (
+            GenerationRequest([1], sampling=SamplingParams(top_p=0.0, top_k=-1)),
+            InvalidInput,
+            r"top_k must be an integer in \[0, 50257\].*top_p must be in \(0, 1\]",
+        ),
+        (GenerationRequest([1], sampling=SamplingParams(seed=-5)), InvalidInput, "seed"),
+        (GenerationRequest([1], stop_strings=[""]), InvalidInput, "stop strings must be non-empty"),
+        (GenerationRequest([1], stop_token_ids=[60000]), InvalidInput, "stop_token_ids"),
+    ],
+    ids=[
+        "empty",
+        "vocab",
+        "zero-tokens",
+        "absurd-tokens",
+        "context",
+        "temperature",
+        "top-k-top-p",
+        "seed",
+        "stop-string",
+        "stop-id",
+    ],
+)
 def test_bad_requests_are_rejected_with_what_is_allowed(backends, tokenizer, req, error, message):
     gen = Generator(backends["onnxruntime"], tokenizer)
     with pytest.raises(error, match=message):

@@ -33,8 +33,10 @@ def _ort_cuda_reason() -> str | None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
-                f"{ort.get_available_providers()}); install onnxruntime-gpu on a CUDA machine")
+        return (
+            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
+            f"{ort.get_available_providers()}); install onnxruntime-gpu on a CUDA machine"
+        )
     return _torch_cuda_reason()
 
 
@@ -52,8 +54,9 @@ def test_cuda_backend_matches_cpu_reference(tiny_bundle, cpu_reference, backend)
         pytest.skip(reason)
     tok = Tokenizer.from_dir(tiny_bundle.tokenizer_dir)
     with create_backend(backend, tiny_bundle, BackendOptions(device="cuda")) as served:
-        report = check_generation_parity(served, cpu_reference, tok, tok.encode(PROMPT), 16,
-                                         tolerance_for("tf32"))
+        report = check_generation_parity(
+            served, cpu_reference, tok, tok.encode(PROMPT), 16, tolerance_for("tf32")
+        )
         assert report, str(report)
         req = GenerationRequest(prompt_ids=tok.encode(PROMPT), max_new_tokens=16, stop_at_eos=False)
         final = Generator(served, tok).generate(req)

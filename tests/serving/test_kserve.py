@@ -42,8 +42,11 @@ def raw_input(name: str, array: np.ndarray, datatype: str) -> tuple[Input, bytes
 
 def request(model: str, *tensors: tuple[Input, bytes], outputs=()) -> pb.ModelInferRequest:
     return pb.ModelInferRequest(
-        model_name=model, inputs=[t for t, _ in tensors], raw_input_contents=[r for _, r in tensors],
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs])
+        model_name=model,
+        inputs=[t for t, _ in tensors],
+        raw_input_contents=[r for _, r in tensors],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
+    )
 
 
 def ids_input(ids, datatype="INT64", name="input_ids"):
@@ -55,8 +58,13 @@ def generate_inputs(text="Hello", max_tokens=4, **extra):
     tensors = [raw_input("text_input", np.array([text.encode()], dtype=object), "BYTES")]
     if max_tokens is not None:
         tensors.append(raw_input("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"))
-    kinds = {"temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32), "top_p": ("FP32", np.float32),
-             "stream": ("BOOL", np.bool_), "random_seed": ("UINT64", np.uint64)}
+    kinds = {
+        "temperature": ("FP32", np.float32),
+        "top_k": ("INT32", np.int32),
+        "top_p": ("FP32", np.float32),
+        "stream": ("BOOL", np.bool_),
+        "random_seed": ("UINT64", np.uint64),
+    }
     for k, v in extra.items():
         dt, np_dt = kinds[k]
         tensors.append(raw_input(k, np.array([v], dtype=np_dt), dt))
@@ -76,17 +84,31 @@ def test_unmodified_tritonclient(server, tmp_path):
     rt = server.runtime
     ids = rt.encode("The capital of France is")
     npy = tmp_path / "logits.npy"
-    proc = subprocess.run([sys.executable, str(HERE / "triton_client_check.py"), server.address, "tiny",
-                           json.dumps(ids), str(npy)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "triton_client_check.py"),
+            server.address,
+            "tiny",
+            json.dumps(ids),
+            str(npy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["live"] and out["ready"] and out["model_ready"] == [True, True]
     assert out["server_metadata"]["name"] == "gpt2-deploy"
     md = out["metadata"]
     assert [(i["name"], i["datatype"], i["shape"]) for i in md["inputs"]] == [
-        ("input_ids", "INT64", ["-1", "-1"]), ("attention_mask", "INT64", ["-1", "-1"])]
+        ("input_ids", "INT64", ["-1", "-1"]),
+        ("attention_mask", "INT64", ["-1", "-1"]),
+    ]
     assert [(o["name"], o["datatype"], o["shape"]) for o in md["outputs"]] == [
-        ("logits", "FP32", ["-1", "-1", "50257"])]
+        ("logits", "FP32", ["-1", "-1", "50257"])
+    ]
     assert [i["name"] for i in out["gen_metadata"]["inputs"]][:2] == ["text_input", "max_tokens"]
     assert out["gen_metadata"]["outputs"][0]["datatype"] == "BYTES"
 
@@ -118,9 +140,17 @@ def test_unmodified_tritonclient(server, tmp_path):
 def test_typed_contents_equal_raw_contents(stub):
     ids = [464, 3139, 286]
     raw = logits_of(stub.ModelInfer(request("tiny", ids_input([ids]))))
-    typed = pb.ModelInferRequest(model_name="tiny", inputs=[Input(
-        name="input_ids", datatype="INT64", shape=[1, 3],
-        contents=pb.InferTensorContents(int64_contents=ids))])
+    typed = pb.ModelInferRequest(
+        model_name="tiny",
+        inputs=[
+            Input(
+                name="input_ids",
+                datatype="INT64",
+                shape=[1, 3],
+                contents=pb.InferTensorContents(int64_contents=ids),
+            )
+        ],
+    )
     np.testing.assert_array_equal(logits_of(stub.ModelInfer(typed)), raw)
 
 
@@ -146,47 +176,122 @@ def test_logits_too_large_for_a_message(stub):
 
 FORWARD_EXPECTED = "Expected inputs: input_ids INT64 [-1, -1], optional attention_mask INT64 [-1, -1]"
 BAD = [
-    ("unknown model", request("gpt3", ids_input([[1]])), grpc.StatusCode.NOT_FOUND,
-     "unknown model 'gpt3'; available models: tiny, tiny-generate"),
-    ("unknown version", pb.ModelInferRequest(model_name="tiny", model_version="7"), grpc.StatusCode.NOT_FOUND,
-     "available versions: 1"),
-    ("wrong tensor name", request("tiny", ids_input([[1, 2]], name="ids")), grpc.StatusCode.INVALID_ARGUMENT,
-     "unknown input 'ids'; missing required input(s) ['input_ids']. " + FORWARD_EXPECTED),
-    ("wrong datatype", request("tiny", ids_input([[1.0, 2.0]], "FP32")), grpc.StatusCode.INVALID_ARGUMENT,
-     "input 'input_ids' has datatype 'FP32'; expected INT64"),
-    ("wrong rank", request("tiny", ids_input([1, 2, 3])), grpc.StatusCode.INVALID_ARGUMENT,
-     "has shape [3]; expected 2 dimensions [-1, -1]"),
-    ("raw size does not match the shape",
-     pb.ModelInferRequest(model_name="tiny", inputs=[Input(name="input_ids", datatype="INT64", shape=[1, 3])],
-                          raw_input_contents=[np.zeros(2, np.int64).tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, "needs 24 bytes, got 16"),
-    ("mask shape", request("tiny", ids_input([[1, 2]]), ids_input([[1, 1, 1]], name="attention_mask")),
-     grpc.StatusCode.INVALID_ARGUMENT,
-     "attention_mask has shape [1, 3]; expected the shape of input_ids [1, 2]"),
-    ("mask values", request("tiny", ids_input([[1, 2]]), ids_input([[1, 2]], name="attention_mask")),
-     grpc.StatusCode.INVALID_ARGUMENT, "0 (padding) or 1 (token)"),
-    ("ids outside the vocabulary", request("tiny", ids_input([[1, 50257]])), grpc.StatusCode.INVALID_ARGUMENT,
-     "token ids must be in [0, 50257)"),
-    ("sequence past the context", request("tiny", ids_input(np.ones((1, 300)))), grpc.StatusCode.OUT_OF_RANGE,
-     "exceeds the model's context of 256 positions"),
-    ("unknown output", request("tiny", ids_input([[1]]), outputs=["probs"]), grpc.StatusCode.INVALID_ARGUMENT,
-     "unknown requested output 'probs'"),
-    ("missing max_tokens", request("tiny-generate", *generate_inputs(max_tokens=None)),
-     grpc.StatusCode.INVALID_ARGUMENT, "missing required input(s) ['max_tokens']"),
-    ("two prompts", request("tiny-generate",
-                            raw_input("text_input", np.array([b"a", b"b"], dtype=object), "BYTES"),
-                            *generate_inputs()[1:]),
-     grpc.StatusCode.INVALID_ARGUMENT, "expected [1] (one request at a time)"),
-    ("stream over ModelInfer", request("tiny-generate", *generate_inputs(stream=True)),
-     grpc.StatusCode.INVALID_ARGUMENT, "stream=true needs ModelStreamInfer"),
-    ("negative max_tokens", request("tiny-generate", *generate_inputs(max_tokens=-5)),
-     grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be an integer in [1, 4096], got -5"),
-    ("max_tokens past the context", request("tiny-generate", *generate_inputs(max_tokens=1000)),
-     grpc.StatusCode.OUT_OF_RANGE, "exceeds the model's context of 256 positions"),
-    ("top_p above 1", request("tiny-generate", *generate_inputs(top_p=2.0)), grpc.StatusCode.INVALID_ARGUMENT,
-     "top_p must be in (0, 1]"),
-    ("empty prompt", request("tiny-generate", *generate_inputs(text="")), grpc.StatusCode.INVALID_ARGUMENT,
-     "the prompt is empty"),
+    (
+        "unknown model",
+        request("gpt3", ids_input([[1]])),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown model 'gpt3'; available models: tiny, tiny-generate",
+    ),
+    (
+        "unknown version",
+        pb.ModelInferRequest(model_name="tiny", model_version="7"),
+        grpc.StatusCode.NOT_FOUND,
+        "available versions: 1",
+    ),
+    (
+        "wrong tensor name",
+        request("tiny", ids_input([[1, 2]], name="ids")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown input 'ids'; missing required input(s) ['input_ids']. " + FORWARD_EXPECTED,
+    ),
+    (
+        "wrong datatype",
+        request("tiny", ids_input([[1.0, 2.0]], "FP32")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'input_ids' has datatype 'FP32'; expected INT64",
+    ),
+    (
+        "wrong rank",
+        request("tiny", ids_input([1, 2, 3])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "has shape [3]; expected 2 dimensions [-1, -1]",
+    ),
+    (
+        "raw size does not match the shape",
+        pb.ModelInferRequest(
+            model_name="tiny",
+            inputs=[Input(name="input_ids", datatype="INT64", shape=[1, 3])],
+            raw_input_contents=[np.zeros(2, np.int64).tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "needs 24 bytes, got 16",
+    ),
+    (
+        "mask shape",
+        request("tiny", ids_input([[1, 2]]), ids_input([[1, 1, 1]], name="attention_mask")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "attention_mask has shape [1, 3]; expected the shape of input_ids [1, 2]",
+    ),
+    (
+        "mask values",
+        request("tiny", ids_input([[1, 2]]), ids_input([[1, 2]], name="attention_mask")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "0 (padding) or 1 (token)",
+    ),
+    (
+        "ids outside the vocabulary",
+        request("tiny", ids_input([[1, 50257]])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "token ids must be in [0, 50257)",
+    ),
+    (
+        "sequence past the context",
+        request("tiny", ids_input(np.ones((1, 300)))),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "exceeds the model's context of 256 positions",
+    ),
+    (
+        "unknown output",
+        request("tiny", ids_input([[1]]), outputs=["probs"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown requested output 'probs'",
+    ),
+    (
+        "missing max_tokens",
+        request("tiny-generate", *generate_inputs(max_tokens=None)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "missing required input(s) ['max_tokens']",
+    ),
+    (
+        "two prompts",
+        request(
+            "tiny-generate",
+            raw_input("text_input", np.array([b"a", b"b"], dtype=object), "BYTES"),
+            *generate_inputs()[1:],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expected [1] (one request at a time)",
+    ),
+    (
+        "stream over ModelInfer",
+        request("tiny-generate", *generate_inputs(stream=True)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "stream=true needs ModelStreamInfer",
+    ),
+    (
+        "negative max_tokens",
+        request("tiny-generate", *generate_inputs(max_tokens=-5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens must be an integer in [1, 4096], got -5",
+    ),
+    (
+        "max_tokens past the context",
+        request("tiny-generate", *generate_inputs(max_tokens=1000)),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "exceeds the model's context of 256 positions",
+    ),
+    (
+        "top_p above 1",
+        request("tiny-generate", *generate_inputs(top_p=2.0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p must be in (0, 1]",
+    ),
+    (
+        "empty prompt",
+        request("tiny-generate", *generate_inputs(text="")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the prompt is empty",
+    ),
 ]
 
 
@@ -202,9 +307,11 @@ def test_bad_model_infer_requests(stub, what, req, code, needle):
 
 
 def test_stream_reports_errors_in_band_and_stays_open(stub):
-    reqs = [request("tiny-generate", *generate_inputs(max_tokens=-1)),
-            request("tiny-generate", *generate_inputs("Hello", 3, stream=True)),
-            request("tiny", ids_input([[1, 2, 3]]))]
+    reqs = [
+        request("tiny-generate", *generate_inputs(max_tokens=-1)),
+        request("tiny-generate", *generate_inputs("Hello", 3, stream=True)),
+        request("tiny", ids_input([[1, 2, 3]])),
+    ]
     for i, r in enumerate(reqs):
         r.id = f"req{i}"
     responses = list(stub.ModelStreamInfer(iter(reqs)))

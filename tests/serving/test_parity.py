@@ -95,8 +95,9 @@ def test_a_late_divergence_is_located(served, reference, tokenizer):
             return out
 
     with DriftingOrt(served.bundle) as drifting:
-        report = parity.check_generation_parity(drifting, reference, tokenizer,
-                                                tokenizer.encode("one red"), 5, tolerance_for("fp32"))
+        report = parity.check_generation_parity(
+            drifting, reference, tokenizer, tokenizer.encode("one red"), 5, tolerance_for("fp32")
+        )
     assert not report
     assert report.first_diverging_step == 3
     assert [bool(c) for c in report.cases] == [True, True, True, False, False, False]
@@ -109,8 +110,9 @@ def test_tolerance_for_backend(tiny_bundle):
     assert parity.tolerance_for_backend(fp16, "onnxruntime", "cuda").name == "fp16"
     # The manifest's engine list is no guess for the tensorrt backend any more: the loaded
     # backend says which engine (and so which tolerance) it runs (served_tolerance).
-    engine = Bundle(tiny_bundle.root, dataclasses.replace(tiny_bundle.manifest,
-                                                          engines=[{"precision": "int8"}]))
+    engine = Bundle(
+        tiny_bundle.root, dataclasses.replace(tiny_bundle.manifest, engines=[{"precision": "int8"}])
+    )
     assert parity.tolerance_for_backend(engine, "tensorrt", "cuda").name == "tf32"
 
 
@@ -137,31 +139,51 @@ def test_generation_parity_stops_when_cancelled(served, reference, tokenizer):
         return len(calls) > 5  # a few reference steps, then the client goes away
 
     with pytest.raises(Cancelled):
-        parity.check_generation_parity(served, reference, tokenizer, tokenizer.encode("one red"), 20,
-                                       tolerance_for("fp32"), cancelled=cancelled)
+        parity.check_generation_parity(
+            served,
+            reference,
+            tokenizer,
+            tokenizer.encode("one red"),
+            20,
+            tolerance_for("fp32"),
+            cancelled=cancelled,
+        )
     assert len(calls) == 6  # polled every step, stopped at the first True
     ids = tokenizer.encode("one red")
     seq = parity.reference_continuations(reference, tokenizer, [ids], 3)
     n = []
     with pytest.raises(Cancelled):  # the teacher-forced part polls too
-        parity.teacher_forced_parity(served, reference, seq, tolerance_for("fp32"), len(ids),
-                                     cancelled=lambda: n.append(1) or len(n) > 2)
+        parity.teacher_forced_parity(
+            served,
+            reference,
+            seq,
+            tolerance_for("fp32"),
+            len(ids),
+            cancelled=lambda: n.append(1) or len(n) > 2,
+        )
     assert len(n) == 3
 
 
 def test_shadow_parity_checks_off_the_hot_path(served, reference, tokenizer):
     prompt = tokenizer.encode("one red")
-    generated = parity.reference_continuations(reference, tokenizer, [prompt], 4)[0][len(prompt):]
+    generated = parity.reference_continuations(reference, tokenizer, [prompt], 4)[0][len(prompt) :]
     results = []
-    shadow = parity.ShadowParity(reference, tolerance_for("fp32"), rate=1.0, served=served,
-                                 on_result=results.append).start()
+    shadow = parity.ShadowParity(
+        reference, tolerance_for("fp32"), rate=1.0, served=served, on_result=results.append
+    ).start()
     try:
         assert shadow.maybe_submit(prompt, generated)
         assert shadow.join(30)
     finally:
         shadow.stop()
-    assert shadow.counters() == {"submitted": 1, "dropped": 0, "checked": 1, "failed": 0, "skipped": 0,
-                                 "errors": 0}
+    assert shadow.counters() == {
+        "submitted": 1,
+        "dropped": 0,
+        "checked": 1,
+        "failed": 0,
+        "skipped": 0,
+        "errors": 0,
+    }
     assert results and results[0] and shadow.last_report is results[0]
 
 
@@ -192,8 +214,9 @@ def test_shadow_stop_drains_and_keeps_a_busy_worker(served, reference):
         release.wait(30)
         yield
 
-    shadow = parity.ShadowParity(reference, tolerance_for("fp32"), rate=1.0, queue_size=4, served=served,
-                                 guard=blocking_guard).start()
+    shadow = parity.ShadowParity(
+        reference, tolerance_for("fp32"), rate=1.0, queue_size=4, served=served, guard=blocking_guard
+    ).start()
     assert shadow.maybe_submit([1, 2], [3])
     assert entered.wait(10)  # the worker is inside its first check
     assert all(shadow.maybe_submit([1, 2], [3]) for _ in range(4))  # queue full behind it
@@ -211,8 +234,21 @@ def test_parity_cli_reports_and_exits_by_verdict(tiny_bundle, perturbed_bundle, 
 
     runner = CliRunner()
     out = tmp_path / "parity.json"
-    ok = runner.invoke(app, ["parity", str(tiny_bundle.root), "--backend", "onnxruntime",
-                             "--prompt", "one red", "--max-new-tokens", "3", "--json", str(out)])
+    ok = runner.invoke(
+        app,
+        [
+            "parity",
+            str(tiny_bundle.root),
+            "--backend",
+            "onnxruntime",
+            "--prompt",
+            "one red",
+            "--max-new-tokens",
+            "3",
+            "--json",
+            str(out),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert "PASS" in ok.output and "step 3" in ok.output
     assert json.loads(out.read_text())["passed"] is True

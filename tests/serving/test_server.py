@@ -87,11 +87,12 @@ def test_greedy_stream_equals_transformers_generate(server, client, hf_model):
         ids = server.runtime.tokenizer.encode(prompt)
         with torch.no_grad():
             x = torch.tensor([ids])
-            out = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
-                                    pad_token_id=eos)
-        want = out[0, len(ids):].tolist()
+            out = hf_model.generate(
+                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, pad_token_id=eos
+            )
+        want = out[0, len(ids) :].tolist()
         got = stream.token_ids
-        assert got == want[:len(got)], (prompt, got, want)
+        assert got == want[: len(got)], (prompt, got, want)
         assert len(got) == n or want[len(got)] == eos  # stopped early only at EOS, like transformers
         # One message per token, each carrying its id; the last carries the finish.
         assert [list(c.token_ids) for c in chunks if c.token_ids] == [[t] for t in got]
@@ -105,8 +106,19 @@ def test_greedy_stream_equals_transformers_generate(server, client, hf_model):
 
 def test_seeded_sampling_is_reproducible(client):
     def run(seed):
-        return client.generate("Once upon a time", max_new_tokens=16, temperature=0.9, top_k=50,
-                               top_p=0.95, seed=seed, ignore_eos=True).result().token_ids
+        return (
+            client.generate(
+                "Once upon a time",
+                max_new_tokens=16,
+                temperature=0.9,
+                top_k=50,
+                top_p=0.95,
+                seed=seed,
+                ignore_eos=True,
+            )
+            .result()
+            .token_ids
+        )
 
     a, b, c = run(1234), run(1234), run(99)
     assert a == b and len(a) == 16
@@ -119,8 +131,9 @@ def test_stop_strings_and_token_ids(client):
     first = greedy.token_ids[0]
     stopped = client.generate("Hello, my name is", max_new_tokens=12, stop_token_ids=[first]).result()
     assert stopped.finish_reason == "stop" and stopped.token_ids == []
-    third = client.generate("Hello, my name is", max_new_tokens=12, ignore_eos=True,
-                            stop=[greedy.text[-3:]]).result()
+    third = client.generate(
+        "Hello, my name is", max_new_tokens=12, ignore_eos=True, stop=[greedy.text[-3:]]
+    ).result()
     assert third.finish_reason == "stop" and greedy.text.startswith(third.text)
     assert greedy.text[-3:] not in third.text
 
@@ -180,26 +193,58 @@ def test_reflection_lists_the_services(server):
 
 # --- bad input ---------------------------------------------------------------------------------
 BAD_REQUESTS = [
-    ("ids outside the vocabulary", dict(token_ids=pb.TokenIds(ids=[5, 50257])),
-     grpc.StatusCode.INVALID_ARGUMENT, "[0, 50257)"),
+    (
+        "ids outside the vocabulary",
+        dict(token_ids=pb.TokenIds(ids=[5, 50257])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "[0, 50257)",
+    ),
     ("negative ids", dict(token_ids=pb.TokenIds(ids=[-1])), grpc.StatusCode.INVALID_ARGUMENT, "[0, 50257)"),
-    ("prompt + max_new_tokens past the context", dict(text="Hello", max_new_tokens=300),
-     grpc.StatusCode.OUT_OF_RANGE, "context of 256"),
+    (
+        "prompt + max_new_tokens past the context",
+        dict(text="Hello", max_new_tokens=300),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "context of 256",
+    ),
     ("empty prompt", dict(text=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     ("no prompt", dict(), grpc.StatusCode.INVALID_ARGUMENT, "`text` or `token_ids`"),
-    ("negative max_new_tokens", dict(text="Hi", max_new_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT,
-     "max_new_tokens must be an integer in [1, 4096]"),
+    (
+        "negative max_new_tokens",
+        dict(text="Hi", max_new_tokens=-3),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens must be an integer in [1, 4096]",
+    ),
     ("zero max_new_tokens", dict(text="Hi", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "[1, 4096]"),
-    ("absurd max_new_tokens", dict(text="Hi", max_new_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT,
-     "got 1000000000"),
-    ("negative temperature", dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, temperature=-1)),
-     grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in [0, 100]"),
-    ("top_p above 1", dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, top_p=1.5)),
-     grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
-    ("negative top_k", dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, top_k=-2)),
-     grpc.StatusCode.INVALID_ARGUMENT, "top_k must be an integer in [0, 50257]"),
-    ("stop id outside the vocabulary", dict(text="Hi", stop_token_ids=[70000]),
-     grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids"),
+    (
+        "absurd max_new_tokens",
+        dict(text="Hi", max_new_tokens=10**9),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "got 1000000000",
+    ),
+    (
+        "negative temperature",
+        dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, temperature=-1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature must be in [0, 100]",
+    ),
+    (
+        "top_p above 1",
+        dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, top_p=1.5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p must be in (0, 1]",
+    ),
+    (
+        "negative top_k",
+        dict(text="Hi", sampling=pb.SamplingParams(do_sample=True, top_k=-2)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_k must be an integer in [0, 50257]",
+    ),
+    (
+        "stop id outside the vocabulary",
+        dict(text="Hi", stop_token_ids=[70000]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "stop_token_ids",
+    ),
 ]
 
 
@@ -242,15 +287,21 @@ def test_unexpected_errors_are_internal_without_details(server, client, monkeypa
     assert "incident" in info.value.details()
     monkeypatch.undo()
     assert client.model_info().name == "tiny"
-    assert server.metrics.value("gpt2_deploy_errors_total", {
-        "method": "/gpt2_deploy.v1.Gpt2Deploy/ModelInfo", "code": "INTERNAL"}) == 1
+    assert (
+        server.metrics.value(
+            "gpt2_deploy_errors_total", {"method": "/gpt2_deploy.v1.Gpt2Deploy/ModelInfo", "code": "INTERNAL"}
+        )
+        == 1
+    )
 
 
 # --- cancellation and shutdown (a real backend, slowed down) ----------------------------------
 def test_client_cancel_stops_the_work(tiny_bundle):
     opts = _opts(tiny_bundle, parity="off")
-    with build_server(opts, backend=SlowOrtBackend(tiny_bundle)) as running, \
-            Gpt2DeployClient(running.address) as c:
+    with (
+        build_server(opts, backend=SlowOrtBackend(tiny_bundle)) as running,
+        Gpt2DeployClient(running.address) as c,
+    ):
         stream = c.generate("Hello", max_new_tokens=200, ignore_eos=True)
         it = iter(stream)
         for _ in range(3):
@@ -298,12 +349,16 @@ def test_canary_failure_blocks_readiness(tiny_bundle, caplog):
     from serving.proto import grpc_service_pb2 as kpb
     from serving.proto import grpc_service_pb2_grpc as kgrpc
 
-    with build_server(_opts(tiny_bundle), backend=NoisyOrtBackend(tiny_bundle)) as running, \
-            Gpt2DeployClient(running.address) as c:
+    with (
+        build_server(_opts(tiny_bundle), backend=NoisyOrtBackend(tiny_bundle)) as running,
+        Gpt2DeployClient(running.address) as c,
+    ):
         assert c.health() == "NOT_SERVING" and c.health(API_SERVICE) == "NOT_SERVING"
         assert running.runtime.canary == "failed" and not running.runtime.ready
-        assert running.metrics.value("gpt2_deploy_parity_checks_total",
-                                     {"kind": "canary", "result": "fail"}) == 1
+        assert (
+            running.metrics.value("gpt2_deploy_parity_checks_total", {"kind": "canary", "result": "fail"})
+            == 1
+        )
         assert c.model_info().canary == "failed"
         # Inference is refused with the canary's numbers; --parity off is the way to serve anyway.
         with pytest.raises(grpc.RpcError) as info:
@@ -317,10 +372,17 @@ def test_canary_failure_blocks_readiness(tiny_bundle, caplog):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         ids = np.asarray([[1, 2]], dtype=np.int64)
         with grpc.insecure_channel(running.address) as ch, pytest.raises(grpc.RpcError) as info:
-            kgrpc.GRPCInferenceServiceStub(ch).ModelInfer(kpb.ModelInferRequest(
-                model_name="tiny", raw_input_contents=[ids.tobytes()],
-                inputs=[kpb.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64",
-                                                                shape=[1, 2])]))
+            kgrpc.GRPCInferenceServiceStub(ch).ModelInfer(
+                kpb.ModelInferRequest(
+                    model_name="tiny",
+                    raw_input_contents=[ids.tobytes()],
+                    inputs=[
+                        kpb.ModelInferRequest.InferInputTensor(
+                            name="input_ids", datatype="INT64", shape=[1, 2]
+                        )
+                    ],
+                )
+            )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # CheckParity still works (how the failure is investigated) and reports the divergence.
         report = c.check_parity("Hello", max_new_tokens=2)
@@ -344,8 +406,10 @@ def test_bad_options_and_port_in_use(tiny_bundle, server):
 
 # --- shadow parity -----------------------------------------------------------------------------
 def test_shadow_parity_rechecks_live_requests(tiny_bundle):
-    with build_server(_opts(tiny_bundle, parity="off", shadow_rate=1.0)) as running, \
-            Gpt2DeployClient(running.address) as c:
+    with (
+        build_server(_opts(tiny_bundle, parity="off", shadow_rate=1.0)) as running,
+        Gpt2DeployClient(running.address) as c,
+    ):
         c.generate("Hello, my name is", max_new_tokens=6).result()
         c.generate("Once upon a time", max_new_tokens=6, temperature=0.8, seed=1).result()
         shadow = running.runtime.shadow
@@ -361,9 +425,13 @@ def test_shadow_parity_rechecks_live_requests(tiny_bundle):
 def test_admission_limit_refuses_without_stalling_running_streams(tiny_bundle):
     """A backend with room for one KV cache: a second generation waits outside the backend lock,
     then gets UNAVAILABLE; the first keeps stepping to its end meanwhile."""
-    with build_server(_opts(tiny_bundle, parity="off", admission_timeout_s=0.5),
-                      backend=OneCacheSlowOrtBackend(tiny_bundle)) as running, \
-            Gpt2DeployClient(running.address, timeout=60) as c:
+    with (
+        build_server(
+            _opts(tiny_bundle, parity="off", admission_timeout_s=0.5),
+            backend=OneCacheSlowOrtBackend(tiny_bundle),
+        ) as running,
+        Gpt2DeployClient(running.address, timeout=60) as c,
+    ):
         first = c.generate("Hello", max_new_tokens=60, ignore_eos=True)  # ~1.2 s of 20 ms steps
         it = iter(first)
         next(it)  # admitted and running
@@ -382,10 +450,13 @@ def test_admission_limit_refuses_without_stalling_running_streams(tiny_bundle):
 
 
 def test_time_to_first_token_includes_queueing(tiny_bundle):
-    with build_server(_opts(tiny_bundle, parity="off")) as running, \
-            Gpt2DeployClient(running.address, timeout=60) as c:
-        holder = threading.Thread(target=lambda: (running.runtime._lock.acquire(), time.sleep(0.4),
-                                                  running.runtime._lock.release()))
+    with (
+        build_server(_opts(tiny_bundle, parity="off")) as running,
+        Gpt2DeployClient(running.address, timeout=60) as c,
+    ):
+        holder = threading.Thread(
+            target=lambda: (running.runtime._lock.acquire(), time.sleep(0.4), running.runtime._lock.release())
+        )
         holder.start()
         time.sleep(0.05)  # the backend is busy when the request arrives
         f = c.generate("Hello", max_new_tokens=2).result()
@@ -400,8 +471,13 @@ def test_close_leaves_a_busy_backend_open_and_refuses_queued_work(tiny_bundle):
     from serving.metrics import ServerMetrics
     from serving.runtime import ModelRuntime
 
-    rt = ModelRuntime(tiny_bundle, OrtBackend(tiny_bundle), metrics=ServerMetrics(),
-                      tolerance=tolerance_for("fp32"), close_timeout_s=0.2)
+    rt = ModelRuntime(
+        tiny_bundle,
+        OrtBackend(tiny_bundle),
+        metrics=ServerMetrics(),
+        tolerance=tolerance_for("fp32"),
+        close_timeout_s=0.2,
+    )
     rt.load()
     rt.state = "serving"
     events = rt.generate(GenerationRequest(rt.encode("Hello"), max_new_tokens=4))

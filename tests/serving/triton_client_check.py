@@ -28,12 +28,18 @@ def text_inputs(prompt: str, max_tokens: int, stream: bool | None = None, **samp
         t.set_data_from_numpy(np.array([value], dtype=np_dtype))
         return t
 
-    inputs = [scalar("text_input", prompt.encode(), "BYTES", np.object_),
-              scalar("max_tokens", max_tokens, "INT32", np.int32)]
+    inputs = [
+        scalar("text_input", prompt.encode(), "BYTES", np.object_),
+        scalar("max_tokens", max_tokens, "INT32", np.int32),
+    ]
     if stream is not None:
         inputs.append(scalar("stream", stream, "BOOL", np.bool_))
-    kinds = {"temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32),
-             "top_p": ("FP32", np.float32), "random_seed": ("UINT64", np.uint64)}
+    kinds = {
+        "temperature": ("FP32", np.float32),
+        "top_k": ("INT32", np.int32),
+        "top_p": ("FP32", np.float32),
+        "random_seed": ("UINT64", np.uint64),
+    }
     for k, v in sampling.items():
         inputs.append(scalar(k, v, *kinds[k]))
     return inputs
@@ -54,8 +60,14 @@ def stream_generate(client, model: str, prompts: list[tuple[str, str]], **kw) ->
             continue
         r = result.get_response()
         final = r.parameters["triton_final_response"].bool_param
-        out.append({"id": r.id, "text": result.as_numpy("text_output")[0].decode(), "final": final,
-                    "finish_reason": r.parameters["finish_reason"].string_param if final else None})
+        out.append(
+            {
+                "id": r.id,
+                "text": result.as_numpy("text_output")[0].decode(),
+                "final": final,
+                "finish_reason": r.parameters["finish_reason"].string_param if final else None,
+            }
+        )
         pending -= final
     client.stop_stream()
     return out
@@ -65,11 +77,14 @@ def main() -> None:
     url, model, ids_json, npy = sys.argv[1:5]
     gen = model + "-generate"
     c = grpcclient.InferenceServerClient(url)
-    out: dict = {"live": c.is_server_live(), "ready": c.is_server_ready(),
-                 "model_ready": [c.is_model_ready(model), c.is_model_ready(gen)],
-                 "server_metadata": c.get_server_metadata(as_json=True),
-                 "metadata": c.get_model_metadata(model, as_json=True),
-                 "gen_metadata": c.get_model_metadata(gen, as_json=True)}
+    out: dict = {
+        "live": c.is_server_live(),
+        "ready": c.is_server_ready(),
+        "model_ready": [c.is_model_ready(model), c.is_model_ready(gen)],
+        "server_metadata": c.get_server_metadata(as_json=True),
+        "metadata": c.get_model_metadata(model, as_json=True),
+        "gen_metadata": c.get_model_metadata(gen, as_json=True),
+    }
 
     # A left-padded batch of two through the single-forward model.
     ids = json.loads(ids_json)
@@ -88,9 +103,12 @@ def main() -> None:
     res = c.infer(gen, text_inputs("Hello, my name is", 12))
     out["generate"] = res.as_numpy("text_output")[0].decode()
     out["stream"] = stream_generate(c, gen, [("r1", gen), ("bad", "nope-generate"), ("r2", gen)])
-    out["sampled"] = [c.infer(gen, text_inputs("Once upon a time", 10, temperature=0.9, top_k=40,
-                                                top_p=0.9, random_seed=7)).as_numpy("text_output")[0].decode()
-                      for _ in range(2)]
+    out["sampled"] = [
+        c.infer(gen, text_inputs("Once upon a time", 10, temperature=0.9, top_k=40, top_p=0.9, random_seed=7))
+        .as_numpy("text_output")[0]
+        .decode()
+        for _ in range(2)
+    ]
 
     bad = {}
     try:
