@@ -77,7 +77,7 @@ bench:
 	$(PY) -m serving.bench --out bench-results
 
 gpu-check:
-	$(PY) -m deploy.gpu_check
+	$(PY) -m serving.gpu_check
 
 clean:
 	rm -rf bundles bench-results .pytest_cache

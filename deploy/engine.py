@@ -20,8 +20,7 @@ The rules follow TensorRT's "Engine Compatibility" documentation (TensorRT 10/11
 - ``HardwareCompatibilityLevel.AMPERE_PLUS`` lifts the compute-capability match to "any GPU of
   compute capability >= 8.0"; ``SAME_COMPUTE_CAPABILITY`` allows other GPUs of the same one.
 
-Only the standard library is imported at module level; ``cuda_device_info`` imports cuda-python
-lazily (see ``serving/backends/trt_backend.py`` for why cuda-python and not torch).
+Only the standard library is imported here; the CUDA device helpers are in ``deploy.cuda``.
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from export.deps import require
 
 ENGINES_DIR = "engines"
 HARDWARE_COMPAT_LEVELS = ("none", "ampere_plus", "same_compute_capability")
@@ -280,109 +277,3 @@ def check_compatibility(entry: EngineEntry, rt: RuntimeInfo) -> Compatibility:
             "TensorRT may still reject the plan or run it slower"
         )
     return out
-
-
-# --- CUDA device queries (cuda-python, imported lazily) -------------------------------------------
-def cudart() -> Any:
-    """cuda-python's runtime module: ``cuda.bindings.runtime`` (cuda-python >= 12.6; the only path in
-    13.x), else the legacy ``cuda.cudart`` of older 12.x releases."""
-    try:
-        from cuda.bindings import runtime  # type: ignore[import-not-found]
-
-        return runtime
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart as legacy  # type: ignore[import-not-found]
-
-        return legacy
-    except ImportError:
-        return require("cuda.bindings.runtime")  # raises MissingDependencyError naming the extra
-
-
-def cuda_check(result: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(err, *values)`` tuple, raising on an error code.
-
-    Every cuda-python call returns the error first (cuda-python's documented convention).
-    """
-    rt = cudart()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != int(rt.cudaError_t.cudaSuccess):
-        _, msg = rt.cudaGetErrorString(err)
-        text = msg.decode() if isinstance(msg, bytes) else str(msg)
-        raise RuntimeError(f"CUDA error in {what}: {getattr(err, 'name', err)}: {text}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    index: int
-    name: str
-    compute_capability: str
-    total_memory: int
-    integrated: bool  # Jetson: GPU shares the host's memory
-
-    @property
-    def bf16(self) -> bool:
-        """bf16 tensor-core math exists from Ampere (compute capability 8.0) on; Orin is 8.7."""
-        return parse_compute_capability(self.compute_capability) >= (8, 0)
-
-
-def cuda_device_info(index: int = 0) -> DeviceInfo:
-    """Name, compute capability and memory of CUDA device ``index``.
-
-    Raises:
-        MissingDependencyError: cuda-python is not installed.
-        RuntimeError: no usable CUDA device/driver (the CUDA error is in the message).
-    """
-    rt = cudart()
-    count = cuda_check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
-    if index >= count:
-        raise RuntimeError(f"CUDA device {index} does not exist; {count} device(s) visible")
-    prop = cuda_check(rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
-    name = (
-        prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
-    )
-    return DeviceInfo(
-        index, name, f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem), bool(prop.integrated)
-    )
-
-
-def set_cuda_device(index: int) -> None:
-    """Make CUDA device ``index`` current for this thread (``cudaSetDevice``), so that a TensorRT
-    builder or runtime created afterwards works on it.
-
-    Raises:
-        MissingDependencyError: cuda-python is not installed.
-        RuntimeError: the device does not exist or cannot be used (the CUDA error is in the message).
-    """
-    rt = cudart()
-    cuda_check(rt.cudaSetDevice(index), f"cudaSetDevice({index})")
-
-
-def tensorrt_unavailable_reason(module: str = "tensorrt") -> str | None:
-    """Why TensorRT cannot run here (None when ``import <module>`` and a CUDA GPU both work).
-
-    The `trt` tests skip with this reason; ``make gpu-check`` prints it.
-    """
-    import importlib
-
-    names = [module, "tensorrt_lean_bindings"] if module == "tensorrt_lean" else [module]
-    for name in names:  # the lean bindings wheel alone installs the module as tensorrt_lean_bindings
-        try:
-            importlib.import_module(name)
-            break
-        except ImportError as e:
-            err = e
-    else:
-        return (
-            f"{module} is not installed here (import {module}: {err}); the trt tests run where NVIDIA's "
-            "tensorrt wheel, a TensorRT container or JetPack provides it (`make test-gpu`)"
-        )
-    try:
-        cuda_device_info(0)
-    except Exception as e:  # noqa: BLE001 - any failure means no usable GPU
-        return f"{module} imports but no CUDA GPU is usable ({type(e).__name__}: {e})"
-    return None

@@ -40,14 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from deploy.engine import (
-    ENGINES_DIR,
-    HARDWARE_COMPAT_LEVELS,
-    EngineEntry,
-    cuda_device_info,
-    set_cuda_device,
-    upsert_engine,
-)
+from deploy.cuda import cuda_device_info, set_cuda_device
+from deploy.engine import ENGINES_DIR, HARDWARE_COMPAT_LEVELS, EngineEntry, upsert_engine
 from deploy.presets import (
     PRECISIONS,
     EdgePreset,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -119,6 +120,17 @@ class _Captured:
     failed = False
 
 
+def _stream_handlers(streams: tuple) -> dict[logging.StreamHandler, Any]:
+    """Every logging StreamHandler writing to one of ``streams`` -> its stream."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    found = {}
+    for lg in loggers:
+        for h in getattr(lg, "handlers", []):
+            if isinstance(h, logging.StreamHandler) and any(h.stream is s for s in streams):
+                found[h] = h.stream
+    return found
+
+
 @contextmanager
 def _captured_output(enabled: bool = True) -> Iterator[_Captured]:
     """Send fds 1 and 2 (Python and native writers alike) to a temporary file while inside."""
@@ -134,10 +146,16 @@ def _captured_output(enabled: bool = True) -> Iterator[_Captured]:
         os.dup2(tmp.fileno(), 2)
         # Python-level streams too: under a test runner or CliRunner sys.stdout is not fd 1
         text = open(tmp.fileno(), "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        # Logging handlers made earlier (torch's, at import) hold the stream they saw then.
+        handlers = _stream_handlers((sys.stdout, sys.stderr))
+        for h in handlers:
+            h.setStream(text)
         try:
             with redirect_stdout(text), redirect_stderr(text):
                 yield log
         finally:
+            for h, stream in handlers.items():
+                h.setStream(stream)
             text.close()  # flushes; the fd stays open (closefd=False)
             sys.stdout.flush()
             sys.stderr.flush()

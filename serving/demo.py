@@ -57,7 +57,7 @@ def server_command(opts: DemoOptions, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "deploy.cli",
+        "serving.cli",
         "serve",
         str(opts.bundle),
         "--backend",

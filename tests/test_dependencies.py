@@ -69,12 +69,13 @@ def test_cli_help_and_ort_serving_path_import_without_torch_or_tensorrt():
     proc = _run(
         """
         import importlib
-        for m in ("deploy.cli", "serving.server", "serving.client", "serving.generation",
-                  "serving.backends.ort_backend", "serving.parity", "export.manifest"):
+        for m in ("serving.cli", "export.cli", "deploy.cli", "serving.server", "serving.client",
+                  "serving.generation", "serving.backends.ort_backend", "serving.parity",
+                  "export.manifest"):
             importlib.import_module(m)
         assert "torch" not in sys.modules and "transformers" not in sys.modules
         from typer.testing import CliRunner
-        from deploy.cli import app
+        from serving.cli import app
         res = CliRunner().invoke(app, ["--help"])
         assert res.exit_code == 0, res.output
         for cmd in ("export", "build", "serve", "generate", "parity"):

@@ -43,14 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from deploy.engine import (
-    EngineEntry,
-    RuntimeInfo,
-    check_compatibility,
-    cuda_check,
-    cuda_device_info,
-    cudart,
-)
+from deploy.cuda import cuda_check, cuda_device_info, cudart
+from deploy.engine import EngineEntry, RuntimeInfo, check_compatibility
 from deploy.presets import CONTEXT_PROFILE, GENERATION_PROFILE
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from export.deps import MissingDependencyError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.engine import tensorrt_unavailable_reason
+from deploy.cuda import tensorrt_unavailable_reason
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deploy.cli import app
-from deploy.engine import EngineEntry, tensorrt_unavailable_reason
+from deploy.cuda import tensorrt_unavailable_reason
+from deploy.engine import EngineEntry
 from deploy.trt_build import (
     BuildError,
     BuildOptions,
@@ -25,6 +25,7 @@ from deploy.trt_build import (
 from export.deps import MissingDependencyError
 from export.errors import OptionsError
 from export.manifest import Bundle
+from serving.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,7 +125,7 @@ def test_print_trtexec_works_without_torch_and_tensorrt(tiny_bundle):
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None; "
         "sys.modules['transformers'] = None; sys.argv = ['gpt2-deploy'] + sys.argv[1:]; "
-        "from deploy.cli import main; main()"
+        "from serving.cli import main; main()"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
@@ -271,7 +272,7 @@ def test_print_trtexec_for_tensorrt_11_converts_first(tiny_bundle, tmp_path):
 
 
 def test_build_help_lists_the_presets_with_their_reasons():
-    from deploy.commands.build_cmd import PRESET_NAMES
+    from deploy.cli import PRESET_NAMES
     from deploy.presets import PRESETS
 
     assert PRESET_NAMES.split("|") == list(PRESETS)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deploy.cli import app
+from serving.cli import app
 
 runner = CliRunner()
 CLI = Path(sys.executable).with_name("gpt2-deploy")

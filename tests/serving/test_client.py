@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from deploy.cli import app
+from serving.cli import app
 from serving.client import Gpt2DeployClient
 from serving.generation import GenerationRequest
 from serving.server import ServeOptions, build_server, free_port

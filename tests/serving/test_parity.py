@@ -230,7 +230,7 @@ def test_shadow_stop_drains_and_keeps_a_busy_worker(served, reference):
 def test_parity_cli_reports_and_exits_by_verdict(tiny_bundle, perturbed_bundle, tmp_path):
     from typer.testing import CliRunner
 
-    from deploy.cli import app
+    from serving.cli import app
 
     runner = CliRunner()
     out = tmp_path / "parity.json"

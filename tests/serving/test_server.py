@@ -523,7 +523,7 @@ def test_option_limits(tiny_bundle):
 def test_serve_cli_rejects_a_bad_log_level(tiny_bundle):
     from typer.testing import CliRunner
 
-    from deploy.cli import app
+    from serving.cli import app
 
     result = CliRunner().invoke(app, ["serve", str(tiny_bundle.root), "--log-level", "foo"])
     assert result.exit_code == 2 and "DEBUG, INFO, WARNING, ERROR" in result.output

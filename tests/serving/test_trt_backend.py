@@ -12,7 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from deploy.engine import EngineEntry, RuntimeInfo, tensorrt_unavailable_reason, upsert_engine
+from deploy.cuda import tensorrt_unavailable_reason
+from deploy.engine import EngineEntry, RuntimeInfo, upsert_engine
 from export.manifest import Bundle
 from serving.backends import BackendOptions, create_backend
 from serving.backends.trt_backend import TensorRTBackend, import_tensorrt

@@ -1,28 +1,53 @@
-"""CLI commands of the serve stage: ``gpt2-deploy serve BUNDLE`` and ``gpt2-deploy generate TEXT``."""
+"""The `gpt2-deploy` command line: the serving stage's commands and the root app.
+
+Serving is the last stage, so the root app lives here and assembles every stage's commands:
+``export``/``inspect`` (``export.cli``), ``build`` (``deploy.cli``), ``serve``/``generate``/
+``parity`` (this module). Commands are thin: options go into a dataclass, one library function
+runs. Heavy dependencies are imported inside the command bodies, so ``gpt2-deploy --help`` imports
+neither torch nor tensorrt.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import typer
 
-from deploy.commands import options as opt
+from deploy import cli as deploy_cli
+from export import cli as export_cli
+from export.cli import BUNDLE
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+# Options every command that runs a backend shares, defined once.
+BACKEND = typer.Option("onnxruntime", "--backend", "-b", help="onnxruntime, torch or tensorrt.")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda for tensorrt, else cpu).")
+ENGINE = typer.Option(
+    None, "--engine", help="TensorRT engine in the bundle (default: the newest one that can run here)."
+)
+TRT_RUNTIME = typer.Option(
+    "auto",
+    "--trt-runtime",
+    help="TensorRT runtime: auto, tensorrt or tensorrt_lean (version-compatible engines only).",
+)
 
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
-    app.command("generate")(generate)
+app = typer.Typer(
+    name="gpt2-deploy",
+    help="GPT-2 from PyTorch to ONNX (KV cache), TensorRT and a gRPC runner that proves parity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 def serve(
-    bundle: Path = opt.BUNDLE,
-    backend: str = opt.BACKEND,
-    device: str | None = opt.DEVICE,
-    engine: str | None = opt.ENGINE,
-    trt_runtime: str = opt.TRT_RUNTIME,
+    bundle: Path = BUNDLE,
+    backend: str = BACKEND,
+    device: str | None = DEVICE,
+    engine: str | None = ENGINE,
+    trt_runtime: str = TRT_RUNTIME,
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it."
     ),
@@ -144,3 +169,70 @@ def generate(
             f"first token {f.time_to_first_token_s * 1e3:.1f} ms, {per_tok:.2f} ms/token]",
             file=sys.stderr,
         )
+
+
+def parity(
+    bundle: Path = BUNDLE,
+    backend: str = BACKEND,
+    device: str | None = DEVICE,
+    engine: str | None = ENGINE,
+    trt_runtime: str = TRT_RUNTIME,
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="Prompt text; without it the startup-canary prompts run."
+    ),
+    max_new_tokens: int = typer.Option(
+        16,
+        "--max-new-tokens",
+        "-n",
+        help="Steps to compare after the prompt (the reference's greedy tokens are fed to both).",
+    ),
+    reference_device: str = typer.Option("cpu", "--reference-device", help="Device of the torch reference."),
+    tolerance: str | None = typer.Option(
+        None,
+        "--tolerance",
+        help="Tolerance preset (fp32, tf32, fp16, int8, ...); default "
+        "picks it from the bundle's precision and the device.",
+    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
+) -> None:
+    """Compare a backend with the PyTorch reference step by step; exit 1 when parity fails."""
+    from export.manifest import BundleError
+    from serving.errors import ServingError
+    from serving.parity import ParityOptions, run_parity
+
+    opts = ParityOptions(
+        bundle=str(bundle),
+        backend=backend,
+        device=device,
+        engine=engine,
+        trt_runtime=trt_runtime,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        reference_device=reference_device,
+        tolerance=tolerance,
+    )
+    try:
+        report = run_parity(opts)
+    except (BundleError, ServingError, ValueError, ImportError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    print(report)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"options": vars(opts), **report.to_json()}, indent=2) + "\n")
+    raise typer.Exit(0 if report else 1)
+
+
+export_cli.register(app)
+deploy_cli.register(app)
+app.command("serve")(serve)
+app.command("generate")(generate)
+app.command("parity")(parity)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """``make gpu-check``: everything a GPU machine can check here, in one run sized for a 10-minute session.
 
-    python -m deploy.gpu_check [--out DIR] [--bundle DIR] [--models tiny,gpt2-124m] [--budget 480]
+    python -m serving.gpu_check [--out DIR] [--bundle DIR] [--models tiny,gpt2-124m] [--budget 480]
 
 Steps (each one a row of the summary table; a step that cannot run here is SKIP with the reason):
 1. environment: GPU (torch.cuda or cuda-python), torch/onnxruntime/TensorRT/cuda-python versions;
@@ -106,7 +106,7 @@ def detect_environment() -> dict[str, Any]:
         pass
     if env["gpu"] is None:
         try:
-            from deploy.engine import cuda_device_info
+            from deploy.cuda import cuda_device_info
 
             info = cuda_device_info(0)
             env["gpu"], env["compute_capability"] = info.name, info.compute_capability
@@ -306,7 +306,7 @@ def _run_steps(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check-results")))
     p.add_argument("--bundle", type=Path, default=None, help="also check an existing bundle")
     p.add_argument("--models", default="tiny,gpt2-124m", help="presets to export and check, in order")

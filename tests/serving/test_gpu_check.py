@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deploy.gpu_check import FAIL, PASS, SKIP, CheckReport, Row, detect_environment, run_checks
+from serving.gpu_check import FAIL, PASS, SKIP, CheckReport, Row, detect_environment, run_checks
 
 
 def test_report_table_and_truthiness():

@@ -1,4 +1,4 @@
-"""CLI commands of the export stage: ``export`` (model -> validated bundle) and ``inspect`` (bundle).
+"""The export stage's commands: ``export`` (model -> validated bundle) and ``inspect`` (bundle).
 
 Thin over ``export.api``: options go into ``ExportOptions``, errors the user can fix are printed as
 one clear message (no traceback) with a non-zero exit. Heavy imports happen inside the commands.
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import typer
 
-from deploy.commands import options as opt
 from export.variants import PRECISIONS
+
+BUNDLE = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`).")
 
 # typer wants an Enum for a choice; made from export.variants' list so the two cannot drift
 Precision = Enum("Precision", {p.replace("-", "_"): p for p in PRECISIONS}, type=str)
@@ -97,7 +98,7 @@ def export(
 
 
 def inspect(
-    bundle: Path = opt.BUNDLE,
+    bundle: Path = BUNDLE,
     verify_hashes: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256."),
     files: bool = typer.Option(False, "--files", help="List the files with sizes and roles."),
 ) -> None:

@@ -1,1 +1,0 @@
-"""One module per stage, each with ``register(app)``; module tops import only typer + stdlib."""
