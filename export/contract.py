@@ -15,24 +15,39 @@ where ``total = past + seq``. ``past`` may be 0 (the first step); batch, seq and
 The attention mask covers past and new tokens, so left padding is expressed by the mask alone and
 the position ids come in from the caller.
 
+``IOContract.logits_positions`` says which positions' logits a graph returns (the same contract
+otherwise; generation needs the last position only, and the lm_head is ~30% of a 124M prefill):
+
+    "all"   logits (batch, seq, vocab)                      model.onnx, Optimum's contract
+    "kept"  + input logits_to_keep (int64 scalar);          the serving graph (ONNX Runtime):
+            logits (batch, kept, vocab)                     0 -> every position, k -> the last k
+    "last"  logits (batch, 1, vocab)                        TensorRT engines (built from it)
+
+With left padding the last position is ``seq - 1`` in every row, so "last" needs no per-row index.
+
 This module must stay free of heavy imports (numpy only): ``gpt2-deploy --help`` reads it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# The serving graph's extra input (transformers' ``logits_to_keep``): 0 -> logits for every
+# position, k > 0 -> for the last k positions only.
+LOGITS_TO_KEEP = "logits_to_keep"
+LOGITS_POSITIONS = ("all", "kept", "last")
 
 # Symbolic axis names, shared by the exporter's dynamic shapes and the TensorRT profiles.
 BATCH = "batch"
 SEQ = "seq"
 PAST = "past"
 TOTAL = "total"  # past + seq; its own symbol because exporters cannot express Dim + Dim
+KEPT = "kept"  # positions with logits in a "kept" graph: seq if logits_to_keep == 0, else min(it, seq)
 
 
 def past_key(i: int) -> str:
@@ -90,6 +105,8 @@ class IOContract:
         ids_dtype: dtype of input_ids, attention_mask and position_ids. Defaults to int64.
         float_dtype: dtype of the KV cache and the logits. Defaults to float32; reduced-precision
             variants keep float32 I/O and convert inside the graph.
+        logits_positions: Which positions' logits the graph returns: "all" (default, the main
+            graph), "kept" (the serving graph, with the ``logits_to_keep`` input) or "last".
     """
 
     n_layer: int
@@ -98,6 +115,17 @@ class IOContract:
     vocab_size: int
     ids_dtype: str = "int64"
     float_dtype: str = "float32"
+    logits_positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.logits_positions not in LOGITS_POSITIONS:
+            raise ValueError(
+                f"logits_positions {self.logits_positions!r} is not one of {', '.join(LOGITS_POSITIONS)}"
+            )
+
+    def with_logits_positions(self, positions: str) -> IOContract:
+        """The same contract for a graph returning ``positions``' logits ("all", "kept", "last")."""
+        return replace(self, logits_positions=positions)
 
     # --- names -------------------------------------------------------------------------------
     @property
@@ -110,7 +138,8 @@ class IOContract:
 
     @property
     def input_names(self) -> list[str]:
-        return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *self.past_names]
+        keep = [LOGITS_TO_KEEP] if self.logits_positions == "kept" else []
+        return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *self.past_names, *keep]
 
     @property
     def output_names(self) -> list[str]:
@@ -127,12 +156,15 @@ class IOContract:
             TensorSpec(ATTENTION_MASK, self.ids_dtype, (BATCH, TOTAL)),
             TensorSpec(POSITION_IDS, self.ids_dtype, (BATCH, SEQ)),
             *(self._kv(n, PAST) for n in self.past_names),
+            *([TensorSpec(LOGITS_TO_KEEP, self.ids_dtype, ())] if self.logits_positions == "kept" else []),
         ]
 
     @property
     def outputs(self) -> list[TensorSpec]:
+        axis: dict[str, str | int] = {"all": SEQ, "kept": KEPT, "last": 1}
+        positions = axis[self.logits_positions]
         return [
-            TensorSpec(LOGITS, self.float_dtype, (BATCH, SEQ, self.vocab_size)),
+            TensorSpec(LOGITS, self.float_dtype, (BATCH, positions, self.vocab_size)),
             *(self._kv(n, TOTAL) for n in self.present_names),
         ]
 
@@ -142,13 +174,18 @@ class IOContract:
                 return s
         raise KeyError(
             f"{name!r} is not part of the I/O contract; inputs are {self.input_names[:3]} + "
-            f"past_key_values.{{0..{self.n_layer - 1}}}.key|value, outputs are ['logits'] + "
-            f"present.{{0..{self.n_layer - 1}}}.key|value"
+            f"past_key_values.{{0..{self.n_layer - 1}}}.key|value"
+            + (f" + ['{LOGITS_TO_KEEP}']" if self.logits_positions == "kept" else "")
+            + f", outputs are ['logits'] + present.{{0..{self.n_layer - 1}}}.key|value"
         )
 
-    def concrete_shape(self, name: str, *, batch: int, seq: int, past: int) -> tuple[int, ...]:
-        """The shape ``name`` takes for a given batch, new-token count and past length."""
-        sizes = {BATCH: batch, SEQ: seq, PAST: past, TOTAL: past + seq}
+    def concrete_shape(
+        self, name: str, *, batch: int, seq: int, past: int, logits_to_keep: int = 0
+    ) -> tuple[int, ...]:
+        """The shape ``name`` takes for a given batch, new-token count and past length (and, for a
+        "kept" graph's logits, ``logits_to_keep``)."""
+        kept = min(logits_to_keep, seq) if logits_to_keep > 0 else seq
+        sizes = {BATCH: batch, SEQ: seq, PAST: past, TOTAL: past + seq, KEPT: kept}
         return tuple(sizes[a] if isinstance(a, str) else a for a in self.spec(name).shape)
 
     # --- (de)serialization -------------------------------------------------------------------
@@ -160,6 +197,8 @@ class IOContract:
             "vocab_size": self.vocab_size,
             "ids_dtype": self.ids_dtype,
             "float_dtype": self.float_dtype,
+            # written only when not "all", so the main contract's JSON is what it always was
+            **({"logits_positions": self.logits_positions} if self.logits_positions != "all" else {}),
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
         }
@@ -173,6 +212,7 @@ class IOContract:
             vocab_size=int(d["vocab_size"]),
             ids_dtype=d.get("ids_dtype", "int64"),
             float_dtype=d.get("float_dtype", "float32"),
+            logits_positions=d.get("logits_positions", "all"),
         )
         if "inputs" in d and [TensorSpec.from_json(s) for s in d["inputs"]] != c.inputs:
             raise ValueError("the recorded input specs do not match the contract they claim")

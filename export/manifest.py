@@ -4,8 +4,10 @@
       manifest.json      schema version, model name and dims, I/O contract, files + sha256,
                          export settings, validation results, TensorRT engines (deploy stage)
       model.onnx         the decoder graph (+ model.onnx.data when written with external data)
+      model_serving.onnx the same graph with its lm_head on the last position(s) only (``ServingGraph``)
       config.json        the transformers GPT2Config
       tokenizer.json, vocab.json, merges.txt, ...   the tokenizer
+      golden.json        the reference's answers on the canary prompts (export.golden)
 
 ``Bundle.open`` checks the schema and every recorded hash and reports every problem at once, so a
 corrupted or foreign directory is named precisely instead of failing later inside a runtime.
@@ -17,17 +19,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from export.contract import IOContract
 
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
+
 SCHEMA = "gpt2-deploy.bundle"
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# Serialises manifest updates (``manifest_lock``); not recorded in the manifest.
+LOCK_FILE = MANIFEST_FILE + ".lock"
+LOCK_TIMEOUT_S = 120.0
 # The PyTorch checkpoint the graph was exported from (torch reference backend, parity checks).
 REFERENCE_DIR = "reference"
+# The reference's answers on the canary prompts (export.golden), role "golden".
+GOLDEN_FILE = "golden.json"
 
 
 class BundleError(Exception):
@@ -84,7 +102,46 @@ class ModelDims:
 class FileEntry:
     sha256: str
     bytes: int
-    role: str  # "onnx", "onnx-data", "config", "tokenizer", "engine", "timing-cache", "other"
+    role: str  # "onnx", "onnx-data", "config", "tokenizer", "golden", "engine", "timing-cache", "other"
+
+
+@dataclass(frozen=True)
+class ServingGraph:
+    """The serving graph: ``model_file`` with its lm_head on the kept positions only.
+
+    Args:
+        file: Bundle-relative path (``model_serving.onnx``); it refers to the same external data
+            file as ``model_file`` when that has one.
+        contract: Its I/O contract (``logits_positions="kept"``: the ``logits_to_keep`` input).
+        derived_from: The graph it was derived from (``Manifest.model_file``).
+        validation: Its validation against ``derived_from`` (``export.validate.validate_serving_graph``).
+        details: What the rewrite did (lm_head node and op, nodes added, shared external data).
+    """
+
+    file: str
+    contract: IOContract
+    derived_from: str
+    validation: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "contract": self.contract.to_json(),
+            "derived_from": self.derived_from,
+            "validation": self.validation,
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ServingGraph:
+        return cls(
+            file=d["file"],
+            contract=IOContract.from_json(d["contract"]),
+            derived_from=d["derived_from"],
+            validation=d.get("validation", {}),
+            details=d.get("details", {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -102,6 +159,8 @@ class Manifest:
         export: Export settings (opset, exporter, versions, seed, ...).
         validation: The export-time validation report (``ValidationReport.to_json()``).
         engines: TensorRT engines built from this bundle (deploy stage), newest last.
+        serving: The serving graph (last-position logits for generation), or None in bundles
+            exported without one.
     """
 
     name: str
@@ -114,6 +173,7 @@ class Manifest:
     export: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     engines: list[dict[str, Any]] = field(default_factory=list)
+    serving: ServingGraph | None = None
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
 
@@ -131,6 +191,7 @@ class Manifest:
             "export": self.export,
             "validation": self.validation,
             "engines": self.engines,
+            **({"serving": self.serving.to_json()} if self.serving is not None else {}),
         }
 
     @classmethod
@@ -148,6 +209,7 @@ class Manifest:
             export=d.get("export", {}),
             validation=d.get("validation", {}),
             engines=list(d.get("engines", [])),
+            serving=ServingGraph.from_json(d["serving"]) if d.get("serving") else None,
         )
 
     def with_files(self, root: str | os.PathLike, roles: dict[str, str]) -> Manifest:
@@ -159,12 +221,111 @@ class Manifest:
         return replace(self, files=files)
 
     def write(self, root: str | os.PathLike) -> Path:
-        """Write ``manifest.json`` atomically (a reader never sees half a manifest)."""
+        """Write ``manifest.json`` atomically: a unique temporary file in the same directory,
+        flushed to disk, then renamed over it (a reader never sees half a manifest, and two
+        writers never share a temporary file). To change the manifest of a bundle others may
+        update too, use ``Bundle.update_manifest``, which also serialises the writers."""
         path = Path(root) / MANIFEST_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{MANIFEST_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.to_json(), indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            # mkstemp makes it 0600: give it the bundle directory's read/write bits (0755 -> 0644)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path.parent).st_mode) & 0o666)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` without waiting; False when another writer holds it."""
+    try:
+        if sys.platform == "win32":
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # PermissionError: msvcrt's "locked by another"
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    if sys.platform == "win32":
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@contextmanager
+def manifest_lock(root: str | os.PathLike, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the bundle's manifest lock (an exclusive lock on ``BUNDLE/manifest.json.lock``).
+
+    Every read-modify-write of a shared bundle's manifest happens inside it, so concurrent writers
+    (two ``gpt2-deploy build`` runs, threads or processes) take turns instead of losing entries.
+
+    Raises:
+        BundleError: the lock was not obtained within ``timeout`` seconds.
+    """
+    path = Path(root) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _try_lock(fd):
+            if time.monotonic() >= deadline:
+                raise BundleError(
+                    root, [f"{LOCK_FILE} is held by another writer for more than {timeout:g} s; retry later"]
+                )
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(root: Path) -> Manifest:
+    """Parse ``root/manifest.json``: schema and version checked, every field read.
+
+    Raises:
+        BundleError: it is missing, not JSON, foreign, of another schema version or malformed.
+    """
+    mpath = root / MANIFEST_FILE
+    if not mpath.is_file():
+        present = sorted(p.name for p in root.iterdir())[:10]
+        raise BundleError(
+            root,
+            [
+                f"no {MANIFEST_FILE} (found: {present or 'nothing'}); "
+                "create a bundle with `gpt2-deploy export`"
+            ],
+        )
+    try:
+        raw = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(root, [f"{MANIFEST_FILE} is not valid JSON: {e}"]) from None
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        seen = raw.get("schema") if isinstance(raw, dict) else type(raw).__name__
+        raise BundleError(
+            root, [f"{MANIFEST_FILE} has schema {seen!r}, expected {SCHEMA!r} (a foreign directory?)"]
+        )
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            root,
+            [
+                f"schema_version {raw.get('schema_version')!r} is not "
+                f"supported; this gpt2-deploy reads version {SCHEMA_VERSION}"
+            ],
+        )
+    try:
+        manifest = Manifest.from_json(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(root, [f"{MANIFEST_FILE} is malformed: {type(e).__name__}: {e}"]) from None
+    return manifest
 
 
 class Bundle:
@@ -191,41 +352,13 @@ class Bundle:
                     else "it is a file, not a bundle directory"
                 ],
             )
-        mpath = root / MANIFEST_FILE
-        if not mpath.is_file():
-            present = sorted(p.name for p in root.iterdir())[:10]
-            raise BundleError(
-                root,
-                [
-                    f"no {MANIFEST_FILE} (found: {present or 'nothing'}); "
-                    "create a bundle with `gpt2-deploy export`"
-                ],
-            )
-        try:
-            raw = json.loads(mpath.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(root, [f"{MANIFEST_FILE} is not valid JSON: {e}"]) from None
-        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
-            seen = raw.get("schema") if isinstance(raw, dict) else type(raw).__name__
-            raise BundleError(
-                root, [f"{MANIFEST_FILE} has schema {seen!r}, expected {SCHEMA!r} (a foreign directory?)"]
-            )
-        if raw.get("schema_version") != SCHEMA_VERSION:
-            raise BundleError(
-                root,
-                [
-                    f"schema_version {raw.get('schema_version')!r} is not "
-                    f"supported; this gpt2-deploy reads version {SCHEMA_VERSION}"
-                ],
-            )
-        try:
-            manifest = Manifest.from_json(raw)
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(root, [f"{MANIFEST_FILE} is malformed: {type(e).__name__}: {e}"]) from None
+        manifest = _read_manifest(root)
 
         problems: list[str] = []
         if manifest.model_file not in manifest.files:
             problems.append(f"model_file {manifest.model_file!r} is not listed in files")
+        if manifest.serving is not None and manifest.serving.file not in manifest.files:
+            problems.append(f"serving graph {manifest.serving.file!r} is not listed in files")
         for rel, entry in manifest.files.items():
             p = root / rel
             if not p.is_file():
@@ -261,12 +394,43 @@ class Bundle:
         return self.root / self.manifest.model_file
 
     @property
+    def serving_onnx_path(self) -> Path | None:
+        """The serving graph (``ServingGraph``); None in a bundle exported without one."""
+        s = self.manifest.serving
+        return None if s is None else self.root / s.file
+
+    @property
     def tokenizer_dir(self) -> Path:
         return self.root
 
-    def update_manifest(self, manifest: Manifest) -> None:
-        manifest.write(self.root)
-        self.manifest = manifest
+    @property
+    def golden_path(self) -> Path | None:
+        """The golden parity record (``export.golden``); None when exported without one."""
+        rel = next((r for r, f in self.manifest.files.items() if f.role == "golden"), None)
+        return None if rel is None else self.root / rel
+
+    @property
+    def has_golden(self) -> bool:
+        return self.golden_path is not None
+
+    def update_manifest(self, change: Callable[[Manifest], Manifest] | Manifest) -> Manifest:
+        """Change ``manifest.json`` under the bundle's lock and return the manifest written.
+
+        ``change`` gets the manifest as it is on disk now (not as it was at ``open``, which another
+        writer may have changed since) and returns the new one; a ``Manifest`` instead replaces it
+        whole. The read, the change and the atomic write happen inside ``manifest_lock``.
+
+        Raises:
+            BundleError: the manifest on disk is unreadable, or the lock timed out.
+        """
+        with manifest_lock(self.root):
+            if isinstance(change, Manifest):
+                new = change
+            else:
+                new = change(_read_manifest(self.root))
+            new.write(self.root)
+        self.manifest = new
+        return new
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.root)!r}, name={self.name!r}, precision={self.manifest.precision!r})"

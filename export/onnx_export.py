@@ -1,9 +1,9 @@
 """PyTorch GPT-2 -> one ONNX decoder graph with the KV cache as flat inputs and outputs.
 
-Recipe (see shared notes, re-measured here): torch's dynamo exporter at opset 18 (it cannot
-produce 17 that ORT accepts; 18 still has LayerNormalization as one node), traced with past > 0
-so no past length is baked in as a constant, the mask length given its own symbol (``total``)
-because an exporter cannot express ``past + seq``. The tied lm_head/wte weight is stored once.
+torch's dynamo exporter at opset 18 (an opset-17 graph it writes is rejected by ONNX Runtime; 18
+keeps LayerNormalization as one node), traced with past > 0 so no past length is baked in as a
+constant, the mask length given its own symbol (``total``) because an exporter cannot express
+``past + seq``. The tied lm_head/wte weight is stored once.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def flat_kv_decoder(model: Any) -> Any:
     forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), with
     ``past``/``present`` ordered layer by layer, key then value, each (B, nh, T, hs).
     """
-    torch = require("torch")
+    torch: Any = require("torch")
 
     class FlatKVDecoder(torch.nn.Module):
         def __init__(self, model: Any):
@@ -169,3 +169,150 @@ def _postprocess(path: Path, contract: IOContract) -> None:
                 if attr.name == "value":
                     make_finite(attr.t)
     onnx.save(m, str(path))
+
+
+# --- the serving graph: the lm_head on selected positions only ----------------------------------
+# Ops the lm_head may be after a variant rewrote it; input 0 is the (batch, seq, n_embd) activation
+# in each (fp32/fp16/int8: MatMul, ort-fused: FusedMatMul, int4: MatMulNBits).
+LM_HEAD_OPS = ("MatMul", "FusedMatMul", "MatMulNBits")
+# What may stand between the lm_head and the ``logits`` output (elementwise, position-preserving).
+_AFTER_HEAD_OPS = ("Cast", "Identity")
+_SLICE_PREFIX = "logits_positions"
+
+
+def select_logits_positions(model: Any, positions: str) -> dict[str, Any]:
+    """Rewrite a decoder graph (the main contract) in place so the lm_head runs on some positions.
+
+    A Slice ("kept") or Gather ("last") on axis 1 (seq) of the lm_head's input selects the
+    positions; nothing above the final LayerNorm changes and no initializer is touched, so the
+    rewritten graph refers to the very same weights (by name, and for external data by file and
+    offset).
+
+    Args:
+        model: An ``onnx.ModelProto`` following ``IOContract`` (``logits_positions="all"``), any
+            precision variant; weights need not be loaded.
+        positions: "kept" (adds the ``logits_to_keep`` input: 0 -> every position, k -> the last k;
+            the serving graph) or "last" (the last position, index seq - 1 in every row).
+
+    Returns:
+        What was done, for the manifest: the lm_head node and op, the nodes added.
+
+    Raises:
+        ValueError: ``positions`` is not "kept"/"last", or the graph's logits do not come from a
+            (batch, seq, n_embd) matmul this function knows (``LM_HEAD_OPS``).
+    """
+    onnx = require("onnx")
+    TensorProto, helper = onnx.TensorProto, onnx.helper
+    if positions not in ("kept", "last"):
+        raise ValueError(f"positions must be 'kept' or 'last', got {positions!r}")
+    g = model.graph
+    if C.LOGITS_TO_KEEP in {i.name for i in g.input} or any(
+        n.name.startswith(_SLICE_PREFIX + "/") for n in g.node
+    ):
+        raise ValueError("the graph already selects its logits positions (it is a serving graph)")
+    outputs = {o.name: o for o in g.output}
+    if C.LOGITS not in outputs:
+        raise ValueError(f"the graph has no {C.LOGITS!r} output")
+    prod = {out: node for node in g.node for out in node.output}
+    after, node = [], prod.get(C.LOGITS)
+    while node is not None and node.op_type in _AFTER_HEAD_OPS:
+        after.append(node)
+        node = prod.get(node.input[0])
+    if node is None or node.op_type not in LM_HEAD_OPS:
+        found = node.op_type if node is not None else "a graph input"
+        raise ValueError(
+            f"cannot find the lm_head producing {C.LOGITS!r}: expected one of {', '.join(LM_HEAD_OPS)} "
+            f"(through {', '.join(_AFTER_HEAD_OPS)} only), found {found}"
+        )
+    head = node
+    ranks = {
+        vi.name: len(vi.type.tensor_type.shape.dim)
+        for vi in (*g.value_info, *g.input)
+        if vi.type.tensor_type.HasField("shape")
+    }
+    if ranks.get(head.input[0], 3) != 3:
+        raise ValueError(
+            f"the lm_head {head.name!r} takes a rank-{ranks[head.input[0]]} input; selecting positions "
+            "needs it as (batch, seq, n_embd)"
+        )
+
+    p = _SLICE_PREFIX
+    sliced = f"{p}/hidden"
+    if positions == "last":
+        # Gather of index [-1] on the seq axis: (batch, 1, n_embd), the 1 static for shape inference
+        # and TensorRT alike (a Slice's length would be a runtime expression there)
+        inits = [helper.make_tensor(f"{p}/last", TensorProto.INT64, [1], [-1])]
+        nodes = [
+            helper.make_node("Gather", [head.input[0], f"{p}/last"], [sliced], name=f"{p}/Gather", axis=1)
+        ]
+    else:  # Slice from -logits_to_keep to the end of the seq axis: -0 == 0 keeps every position
+        inits = [
+            helper.make_tensor(f"{p}/shape", TensorProto.INT64, [1], [1]),
+            helper.make_tensor(f"{p}/ends", TensorProto.INT64, [1], [np.iinfo(np.int64).max]),
+            helper.make_tensor(f"{p}/axes", TensorProto.INT64, [1], [1]),
+        ]
+        nodes = [
+            helper.make_node("Neg", [C.LOGITS_TO_KEEP], [f"{p}/neg"], name=f"{p}/Neg"),
+            helper.make_node("Reshape", [f"{p}/neg", f"{p}/shape"], [f"{p}/starts"], name=f"{p}/Reshape"),
+            helper.make_node(
+                "Slice", [head.input[0], f"{p}/starts", f"{p}/ends", f"{p}/axes"], [sliced], name=f"{p}/Slice"
+            ),
+        ]
+        g.input.append(helper.make_tensor_value_info(C.LOGITS_TO_KEEP, TensorProto.INT64, []))
+    g.initializer.extend(inits)
+    at = list(g.node).index(head)
+    for k, n in enumerate(nodes):
+        g.node.insert(at + k, n)
+    head.input[0] = sliced
+
+    # the logits' seq axis is now "kept" (or 1); intermediate shapes below the slice are stale
+    stale = {t for n in (head, *after) for t in n.output}
+    keep_vi = [vi for vi in g.value_info if vi.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(keep_vi)
+    dim = outputs[C.LOGITS].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    if positions == "last":
+        dim.dim_value = 1
+    else:
+        dim.dim_param = C.KEPT
+    return {
+        "logits_positions": positions,
+        "lm_head": head.name,
+        "lm_head_op": head.op_type,
+        "nodes_added": [n.name for n in nodes],
+    }
+
+
+def write_logits_graph(src: str | os.PathLike, dst: str | os.PathLike, positions: str) -> dict[str, Any]:
+    """Write ``src`` with its lm_head on ``positions`` only (``select_logits_positions``) to ``dst``.
+
+    A graph with external data keeps pointing at the same data file (no second copy of the
+    weights on disk), so ``dst`` must be in ``src``'s directory; a self-contained graph is written
+    self-contained (its weights copied into ``dst``).
+
+    Raises:
+        ValueError: see ``select_logits_positions``; or ``dst`` is elsewhere than an external
+            ``src``'s directory.
+    """
+    onnx = require("onnx")
+    src, dst = Path(src), Path(dst)
+    m = onnx.load(str(src), load_external_data=False)
+    external = sorted(
+        {
+            e.value
+            for i in m.graph.initializer
+            if i.data_location == onnx.TensorProto.EXTERNAL
+            for e in i.external_data
+            if e.key == "location"
+        }
+    )
+    if external and dst.parent.resolve() != src.parent.resolve():
+        raise ValueError(
+            f"{src} keeps its weights in {external}: the graph derived from it must sit in the same "
+            f"directory ({src.parent}), not in {dst.parent}"
+        )
+    details = select_logits_positions(m, positions)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(m, str(dst))
+    return {**details, "shared_external_data": external}

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from export.compare import ComparisonReport, Tolerance, compare_logits
-from export.contract import LOGITS, IOContract, left_padded_positions
+from export.compare import ComparisonReport, Tolerance, compare_logits, tolerance_for
+from export.contract import LOGITS, LOGITS_TO_KEEP, IOContract, left_padded_positions
 from export.deps import require
 
 
@@ -202,3 +202,94 @@ def validate_export(
     if raise_on_failure and not report:
         raise ValidationError(report)
     return report
+
+
+# The serving graph computes what the graph it was derived from computes (same variant, the same
+# kernels but for the lm_head's row count), so it is held to the fp32 preset whatever the precision.
+SERVING_TOLERANCE = "fp32"
+
+
+def validate_serving_graph(
+    serving_path: str | Path,
+    full_path: str | Path,
+    contract: IOContract,
+    *,
+    cases: tuple[Case, ...] = DEFAULT_CASES,
+    providers: list[str] | None = None,
+    raise_on_failure: bool = True,
+) -> ComparisonReport:
+    """Validate a serving graph against the main graph it was derived from (names -> shapes -> values).
+
+    The serving graph (``contract.logits_positions`` "kept" or "last") must return, on the same
+    inputs, the main graph's logits at the positions it keeps (the last one with
+    ``logits_to_keep=1``; every one with ``logits_to_keep=0``) and the same present KV.
+
+    Args:
+        serving_path: The serving graph.
+        full_path: The graph it was derived from (``logits_positions="all"``, validated itself).
+        contract: The serving graph's contract.
+        cases: Input shapes to compare on (left padding included by default).
+        providers: ONNX Runtime execution providers (default CPU).
+        raise_on_failure: Raise instead of returning a failing report.
+
+    Raises:
+        ValidationError: when anything fails and ``raise_on_failure``; it lists every failure.
+    """
+    ort = require("onnxruntime")
+    serving_path, full_path = Path(serving_path), Path(full_path)
+    tolerance = tolerance_for(SERVING_TOLERANCE)
+    report = ComparisonReport(f"validation of {serving_path.name} against {full_path.name}", tolerance)
+
+    def done() -> ComparisonReport:
+        if raise_on_failure and not report:
+            raise ValidationError(report)
+        return report
+
+    if contract.logits_positions == "all":
+        report.errors.append("the serving graph's contract must keep some positions ('kept' or 'last')")
+        return done()
+    report.errors.extend(check_graph(serving_path, contract))
+    if report.errors:
+        return done()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    sessions = {}
+    for name, path in (("full", full_path), ("serving", serving_path)):
+        try:
+            sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            report.errors.append(f"ONNX Runtime cannot load {path.name}: {type(e).__name__}: {e}")
+    if report.errors:
+        return done()
+    main = contract.with_logits_positions("all")
+    kept = contract.logits_positions == "kept"
+    for i, case in enumerate(cases):
+        feeds = make_case_inputs(case, main, seed=i)
+        full = sessions["full"].run(None, feeds)
+        for keep in (1, 0) if kept else (1,):
+            label = f"{case.name} logits_to_keep={keep}" if kept else case.name
+            extra = {LOGITS_TO_KEEP: np.array(keep, dtype=np.int64)} if kept else {}
+            try:
+                got = sessions["serving"].run(None, {**feeds, **extra})
+            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+                report.errors.append(f"{label}: ONNX Runtime failed: {type(e).__name__}: {e}")
+                continue
+            want = full[0][:, -keep:] if keep else full[0]  # with left padding the last is seq - 1
+            expected = [want.shape, *(f.shape for f in full[1:])]
+            shape_errors = [
+                f"{label}: {name} shape {list(g.shape)}, expected {list(e)}"
+                for name, g, e in zip(contract.output_names, got, expected)
+                if g.shape != e
+            ]
+            if shape_errors:
+                report.errors.extend(shape_errors)
+                continue
+            valid = feeds["attention_mask"][:, case.past :].astype(bool)[:, -want.shape[1] :]
+            report.cases.append(compare_logits(want, got[0], valid, tolerance, f"{label} {LOGITS}"))
+            kv_err = max(
+                (float(np.abs(g - f).max()) for g, f in zip(got[1:], full[1:]) if g.size), default=0.0
+            )
+            if not np.isfinite(kv_err) or kv_err > tolerance.atol:
+                report.errors.append(f"{label}: present KV differs from {full_path.name}'s by {kv_err:.3g}")
+    return done()

@@ -1,4 +1,4 @@
-"""Precision variants of the exported fp32 graph: fp32 (as is), fp16, ORT-fused, int8.
+"""Precision variants of the exported fp32 graph: fp32 (as is), fp16, ORT-fused, int8, int4.
 
 Every variant keeps the I/O contract unchanged (fp32 logits and KV cache at the graph boundary,
 the same names and axes), so the serving backends and the validator treat them alike.
@@ -10,6 +10,8 @@ the same names and axes), so the serving backends and the validator treat them a
                 (onnxscript's ``optimize_for_ort``)
     int8        dynamic int8 quantization of the weight matmuls (ORT ``quantize_dynamic``), for CPU
                 and edge; the lm_head stays fp32 because its weight is shared with the embedding
+    int4        block-wise 4-bit weight-only quantization of the weight matmuls and the lm_head (ORT's
+                ``MatMulNBitsQuantizer`` -> ``MatMulNBits``), for CPU and edge; see ``Int4Options``
 
 Graphs with external data stay external (the data file is ``<model file>.data``), so variants of
 models over 2 GB work the same way; the in-memory conversions never serialize one >2 GB protobuf.
@@ -18,6 +20,7 @@ models over 2 GB work the same way; the in-memory conversions never serialize on
 from __future__ import annotations
 
 import collections
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,8 @@ from export.contract import LOGITS
 from export.deps import require
 from export.errors import OptionsError
 
-PRECISIONS = ("fp32", "fp16", "int8", "ort-fused")
+# The graph variants `export --precision` writes (a TensorRT engine's are deploy.presets.ENGINE_PRECISIONS).
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4", "ort-fused")
 # Op types kept in fp32 by every reduced-precision path (this fp16 variant and TensorRT's fp16/bf16
 # builds): reductions whose fp16 sums lose precision.
 FP32_OPS = ("LayerNormalization", "Softmax")
@@ -199,7 +203,8 @@ def lm_head_path(graph: Any, logits: str = LOGITS) -> list[Any]:
         )
     path.append(node)
     node = prod.get(node.input[0])
-    while node is not None and node.op_type in ("Reshape", "Identity", "Flatten"):
+    # Slice/Gather: the positions a serving graph keeps (export.onnx_export.select_logits_positions)
+    while node is not None and node.op_type in ("Reshape", "Identity", "Flatten", "Slice", "Gather"):
         path.append(node)
         node = prod.get(node.input[0])
     return path
@@ -324,7 +329,8 @@ def drop_round_trip_casts(model: Any) -> int:
         for up in model.graph.node:  # up: Y(fp16) -> Z(fp32), down: X(fp32) -> Y
             down = prod.get(up.input[0]) if up.op_type == "Cast" else None
             if (
-                up.name not in skipped
+                down is not None
+                and up.name not in skipped
                 and cast_to(up) == FLOAT
                 and cast_to(down) == FLOAT16
                 and types.get(down.input[0]) == FLOAT
@@ -401,8 +407,104 @@ def int8_nodes(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
+@dataclass(frozen=True)
+class Int4Options:
+    """How the int4 variant quantizes (defaults measured on gpt2-124m, docs/export.md "int4").
+
+    Args:
+        block_size: Weights per quantization block along K (the input dimension); each block has
+            its own scale (and zero point when asymmetric). A power of two >= 16.
+        symmetric: Symmetric blocks (no zero point) instead of asymmetric (scale + zero point).
+        accuracy_level: ``MatMulNBits``' compute type: 0 (unset) / 1 fp32, 2 fp16, 3 bf16, 4 int8
+            activations (ONNX Runtime's fastest CPU kernels).
+        lm_head: Quantize the lm_head too. Its weight is tied to the embedding table, so this
+            stores a transposed 4-bit copy for the matmul; the embedding lookup keeps the fp32 table.
+    """
+
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    lm_head: bool = True
+
+    def check(self) -> None:
+        problems = []
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            problems.append(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            problems.append(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if problems:
+            raise OptionsError("int4 options: " + "; ".join(problems))
+
+
+def untie_lm_head(model: Any) -> str | None:
+    """Give the lm_head MatMul its own (K, N) weight initializer, in place (weights loaded).
+
+    The export reaches the lm_head through ``Transpose(tied embedding)``; weight-only quantizers
+    only take a MatMul whose weight is an initializer. Adds ``<table>.lm_head_t`` (the transposed
+    table), points the MatMul at it and drops the Transpose when nothing else reads it. Returns the
+    new initializer's name, or None when the lm_head already reads an initializer.
+    """
+    from onnx import numpy_helper
+
+    head = next(n for n in lm_head_path(model.graph) if n.op_type in ("MatMul", "Gemm"))
+    inits = {i.name: i for i in model.graph.initializer}
+    if head.op_type != "MatMul" or head.input[1] in inits:
+        return None
+    transpose = _producers(model.graph).get(head.input[1])
+    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None) if transpose else None
+    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+        return None
+    if perm not in (None, [1, 0]):
+        return None
+    table = numpy_helper.to_array(inits[transpose.input[0]])
+    name = f"{transpose.input[0]}.lm_head_t"
+    model.graph.initializer.append(numpy_helper.from_array(table.T.copy(), name))
+    head.input[1] = name
+    if len(_consumers(model.graph)[transpose.output[0]]) == 0:
+        model.graph.node.remove(transpose)
+    return name
+
+
+def _quantize_int4(model: Any, opts: Int4Options) -> tuple[Any, dict[str, Any]]:
+    """Block-wise 4-bit weight-only quantization of the weight MatMuls (``MatMulNBits``), in memory."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    lm_head = untie_lm_head(model) if opts.lm_head else None
+    nodes = int8_nodes(model)  # MatMuls whose weight is an initializer (the lm_head once untied)
+    quant = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=opts.block_size,
+        is_symmetric=opts.symmetric,
+        accuracy_level=opts.accuracy_level,
+        op_types_to_quantize=("MatMul",),
+    )
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs a line per node at INFO
+    try:
+        quant.process()
+    finally:
+        log.setLevel(level)
+    return quant.model.model, {
+        "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+        "bits": 4,
+        "block_size": opts.block_size,
+        "symmetric": opts.symmetric,
+        "accuracy_level": opts.accuracy_level,
+        "lm_head_quantized": lm_head is not None,
+        "matmuls_quantized": len(nodes),
+    }
+
+
 def make_variant(
-    fp32_path: Path, out_path: Path, precision: str, *, per_channel: bool = False, consume: bool = False
+    fp32_path: Path,
+    out_path: Path,
+    precision: str,
+    *,
+    per_channel: bool = False,
+    consume: bool = False,
+    int4: Int4Options | None = None,
 ) -> VariantInfo:
     """Write the ``precision`` variant of ``fp32_path`` to ``out_path``.
 
@@ -411,16 +513,19 @@ def make_variant(
     Args:
         fp32_path: The exporter's fp32 graph.
         out_path: Where to write the variant's .onnx file.
-        precision: One of ``PRECISIONS``.
+        precision: One of ``EXPORT_PRECISIONS``.
         per_channel: int8 only: one scale per output channel instead of one per tensor.
+        int4: int4 only: block size, symmetry, compute type, lm_head (default ``Int4Options()``).
         consume: fp32 only: move ``fp32_path`` (a staging file) instead of copying it (6 GB for
             gpt2-xl).
 
     Raises:
         OptionsError: an unknown precision.
     """
-    if precision not in PRECISIONS:
-        raise OptionsError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise OptionsError(
+            f"precision {precision!r} is not supported; choose one of {', '.join(EXPORT_PRECISIONS)}"
+        )
     onnx = require("onnx")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     external = bool(external_locations(fp32_path))
@@ -430,10 +535,17 @@ def make_variant(
         n = sum(counts.values())
         return VariantInfo("fp32", n, n, counts, counts, {"external_data": external})
 
-    if precision == "fp16":
-        model = load_model(fp32_path)  # the converter rewrites the weights: they must be in memory
+    if precision in ("fp16", "int4"):
+        model = load_model(fp32_path)  # the converters rewrite the weights: they must be in memory
         before = op_counts(model)
-        details = to_fp16(model)
+        if precision == "fp16":
+            details = to_fp16(model)
+        else:
+            int4 = int4 or Int4Options()
+            int4.check()
+            gemms = gemm_to_matmul(model)
+            model, details = _quantize_int4(model, int4)
+            details["gemm_rewritten"] = gemms
         save_model(model, out_path, external=external)
         del model
     else:

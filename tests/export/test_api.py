@@ -10,6 +10,7 @@ import pytest
 from export.api import ExportOptions, Progress, export_bundle
 from export.errors import OptionsError
 from export.sources import SourceError
+from export.variants import EXPORT_PRECISIONS
 
 
 def test_progress_captures_chatter_and_replays_it_only_on_unexpected_failure(capfd):
@@ -50,9 +51,12 @@ def test_verbose_and_quiet(capfd):
 
 def test_options_are_checked_before_any_work(tmp_path):
     with pytest.raises(
-        OptionsError, match=r"precision 'fp8' is not supported; choose one of fp32, fp16, int8, ort-fused"
+        OptionsError, match=rf"precision 'fp8' is not supported; choose one of {', '.join(EXPORT_PRECISIONS)}"
     ):
         export_bundle(ExportOptions(model="tiny", out=tmp_path / "b", precision="fp8"))
+    per_channel = ExportOptions(model="tiny", out=tmp_path / "b", precision="fp16", int8_per_channel=True)
+    with pytest.raises(OptionsError, match=r"--int8-per-channel applies to --precision int8 only"):
+        export_bundle(per_channel)
     assert not (tmp_path / "b").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file; give a directory path"):
@@ -112,3 +116,36 @@ def test_a_failed_re_export_keeps_the_previous_bundle(tiny_bundle, tmp_path, mon
     assert (out / "engines" / "server-fp16.engine").read_bytes() == b"plan"
     Bundle.open(out)  # hashes still match
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the temporary directory is gone
+
+
+def test_the_swap_waits_for_a_writer_holding_the_previous_bundles_manifest_lock(tmp_path):
+    """A build recording its engine in the previous bundle finishes before the new bundle moves in."""
+    import threading
+    import time
+
+    from export.api import _swap_in
+    from export.manifest import manifest_lock
+
+    out, work = tmp_path / "b", tmp_path / ".b.tmp-1"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    work.mkdir()
+    (work / "manifest.json").write_text("new")
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with manifest_lock(out):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    held.wait(5)
+    threading.Timer(0.5, release.set).start()
+    t0 = time.monotonic()
+    _swap_in(work, out)
+    waited = time.monotonic() - t0
+    t.join()
+    assert waited >= 0.4, waited
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the previous bundle is gone

@@ -53,16 +53,34 @@ def test_export_tiny_then_inspect(tmp_path):
     assert "config.json: size is 2 bytes" in r.stderr and "Traceback" not in r.output
 
 
-def test_validation_failure_lists_every_failure_and_exits_1(tmp_path, monkeypatch):
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_validation_leaves_the_previous_bundle_and_keeps_the_failure_apart(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """Bug: a re-export whose validation failed replaced the good bundle (engines included)."""
     from export import compare
+    from export.manifest import Bundle
 
     monkeypatch.setitem(compare.PRECISION_TOLERANCES, "fp32", compare.Tolerance("fp32", 0.0, 1.0))
     out = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, out)
+    (out / "engines").mkdir()
+    (out / "engines" / "server-fp16.engine").write_bytes(b"a previous engine")
+    before = _tree(out)
     r = runner.invoke(app, ["export", "--model", "tiny", "--out", str(out), "--no-reference", "--quiet"])
     assert r.exit_code == 1
     assert r.stderr.count("[FAIL]") >= 3 and "validation failed (" in r.stderr
     assert "Traceback" not in r.output
-    assert json.loads((out / "manifest.json").read_text())["validation"]["passed"] is False
+    assert _tree(out) == before  # every file of the previous bundle, byte for byte
+    Bundle.open(out)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("b.failed-")]
+    assert len(kept) == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", kept[0].name])
+    assert f"the failing bundle is kept in {kept[0]} for inspection" in " ".join(r.stderr.split())
+    failed = Bundle.open(kept[0])  # a complete bundle to inspect, its report in the manifest
+    assert failed.manifest.validation["passed"] is False and (kept[0] / "engines").exists() is False
 
 
 def test_existing_foreign_directory_is_refused(tmp_path):
@@ -88,16 +106,24 @@ def test_console_script_bad_model_name(tmp_path):
 
 
 def test_make_export_wraps_the_cli(tmp_path):
+    """`make export` runs the CLI with MODEL/OUT/PRECISION/SEED passed through: the CLI's own checks
+    answer (fast: they fail before any export), and make fails with it."""
     make = shutil.which("make")
     if make is None or not CLI.exists():
         pytest.skip("make or the console script is missing")
     root = Path(__file__).resolve().parents[2]
-    p = subprocess.run(
-        [make, "-s", "-n", "export", "MODEL=tiny", f"OUT={tmp_path}/b"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode == 0
-    assert 'export --model "tiny" --out' in p.stdout  # dry run: the target is a thin wrapper
+
+    def run(*assignments):
+        return subprocess.run(
+            [make, "-s", "export", "MODEL=tiny", f"OUT={tmp_path}/b", *assignments],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    bad_precision = run("PRECISION=fp8")
+    assert bad_precision.returncode != 0 and "'fp8' is not one of" in bad_precision.stderr
+    bad_seed = run("SEED=many")
+    assert bad_seed.returncode != 0 and "Invalid value for '--seed'" in bad_seed.stderr
+    assert not (tmp_path / "b").exists()

@@ -107,7 +107,9 @@ def test_manifest_records_what_the_issue_asks(tiny_bundle):
     e = m.export
     assert e["opset"] >= 17 and e["precision"] == "fp32" and e["seed"] == 0
     assert set(e["versions"]) >= {"torch", "transformers", "onnx", "onnxruntime"}
-    assert e["variant"]["nodes_after"] > 0 and e["external_data"] is False
+    assert e["variant"]["nodes_after"] > 0 and e["external_data"] is True  # shared with the serving graph
+    assert m.files["model.onnx.data"].role == "onnx-data"
+    assert m.files["model_serving.onnx"].bytes < m.files["model.onnx.data"].bytes / 10  # weights once
     v = m.validation
     assert v["passed"] and v["max_abs"] <= 1e-4 and v["top1_agreement"] == 1.0 and len(v["cases"]) == 4
 
@@ -137,17 +139,17 @@ def test_graph_structure(tiny_bundle):
     assert smallest > -65504
 
 
-def test_external_data_forced(tmp_path_factory):
-    """external_data=True on a small model: .onnx + .onnx.data, loads, checks, validates."""
+def test_no_external_data_writes_self_contained_graphs(tmp_path_factory):
+    """--no-external-data on a small model: model.onnx and the serving graph each hold the weights."""
     import onnxruntime as ort
 
     from export.api import ExportOptions, export_bundle
 
-    out = tmp_path_factory.mktemp("ext") / "tiny-ext"
-    b = export_bundle(ExportOptions(model="tiny", out=out, external_data=True, reference=False, quiet=True))
+    out = tmp_path_factory.mktemp("inline") / "tiny-inline"
+    b = export_bundle(ExportOptions(model="tiny", out=out, external_data=False, reference=False, quiet=True))
     files = b.manifest.files
-    assert files["model.onnx.data"].role == "onnx-data" and b.manifest.export["external_data"] is True
-    assert files["model.onnx.data"].bytes > 10 * files["model.onnx"].bytes
+    assert "model.onnx.data" not in files and b.manifest.export["external_data"] is False
+    assert files["model_serving.onnx"].bytes > files["model.onnx"].bytes / 2  # its own copy
     assert b.manifest.validation["passed"] and b.manifest.validation["max_abs"] <= 1e-4
     onnx.checker.check_model(str(b.onnx_path))
     ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])

@@ -121,3 +121,76 @@ def test_foreign_and_missing_directories(tmp_path):
         Bundle.open(tmp_path / "nope")
     with pytest.raises(BundleError, match="it is a file, not a bundle directory"):
         Bundle.open(tmp_path / "weights.bin")
+
+
+# --- concurrent writers (bug: two `build` runs lost a manifest entry) ------------------------------------
+WRITERS, UPDATES = 4, 15
+
+
+def _add_keys(root, writer: int, start) -> None:
+    """One writer: wait for the others, then add UPDATES keys of its own, one update each."""
+    from dataclasses import replace
+
+    start.wait()
+    b = Bundle.open(root, verify_hashes=False)
+    for i in range(UPDATES):
+        b.update_manifest(lambda m, k=f"w{writer}-{i}": replace(m, export={**m.export, k: True}))
+
+
+def _race(root, start, spawn) -> None:
+    workers = [spawn(target=_add_keys, args=(root, w, start)) for w in range(WRITERS)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert all(getattr(w, "exitcode", 0) == 0 for w in workers)
+
+
+def _check_every_update_kept(root) -> None:
+    m = Bundle.open(root).manifest
+    want = {f"w{w}-{i}" for w in range(WRITERS) for i in range(UPDATES)}
+    assert want <= set(m.export), f"lost updates: {sorted(want - set(m.export))[:5]}"
+    leftovers = sorted(p.name for p in root.iterdir() if p.name.endswith(".tmp"))
+    assert leftovers == []  # every temporary manifest was renamed into place or removed
+
+
+def test_concurrent_threads_keep_every_update(tmp_path):
+    import threading
+
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    _manifest().with_files(tmp_path, {"model.onnx": "onnx"}).write(tmp_path)
+    _race(tmp_path, threading.Barrier(WRITERS), threading.Thread)
+    _check_every_update_kept(tmp_path)
+
+
+def test_concurrent_processes_keep_every_update(tmp_path):
+    import multiprocessing
+
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    _manifest().with_files(tmp_path, {"model.onnx": "onnx"}).write(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    _race(tmp_path, ctx.Barrier(WRITERS), ctx.Process)
+    _check_every_update_kept(tmp_path)
+
+
+def test_update_reads_the_manifest_on_disk_not_the_one_opened(tmp_path):
+    from dataclasses import replace
+
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    _manifest().with_files(tmp_path, {"model.onnx": "onnx"}).write(tmp_path)
+    first, second = Bundle.open(tmp_path), Bundle.open(tmp_path)
+    first.update_manifest(lambda m: replace(m, export={**m.export, "a": 1}))
+    written = second.update_manifest(lambda m: replace(m, export={**m.export, "b": 2}))
+    assert written.export == {"opset": 18, "a": 1, "b": 2} == Bundle.open(tmp_path).manifest.export
+    assert second.manifest == written
+
+
+def test_a_held_lock_times_out_with_a_bundle_error(tmp_path):
+    from export.manifest import LOCK_FILE, manifest_lock
+
+    with manifest_lock(tmp_path):
+        with pytest.raises(BundleError, match=rf"{LOCK_FILE} is held by another writer for more than 0.2 s"):
+            with manifest_lock(tmp_path, timeout=0.2):
+                pass
+    with manifest_lock(tmp_path, timeout=0.2):  # released: free again
+        pass

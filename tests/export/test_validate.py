@@ -98,3 +98,22 @@ def test_a_graph_onnx_runtime_cannot_load_is_reported(tiny_bundle, tmp_path):
     assert "com.example.unknown" in report.errors[0]
     with pytest.raises(ValidationError, match="ONNX Runtime cannot load the graph"):
         validate_export(path, refs, tolerance_for("fp32"))
+
+
+def test_tolerance_for_run_is_the_one_place_that_picks():
+    from export.compare import tolerance_for_run
+    from export.errors import OptionsError
+
+    def name(*args, **kw):
+        return tolerance_for_run(*args, **kw).name
+
+    assert name("fp32") == "fp32" and name("fp32", device="cuda:1") == "tf32"  # GPU: TF32 by default
+    assert name("fp32", device="cuda", tf32=False) == "fp32" and name("fp32", tf32=True) == "tf32"
+    assert name("ort-fused", device="cuda") == "tf32" and name("ort-fused") == "ort-fused"
+    assert name("fp16", device="cuda") == "fp16" and name("int8") == "int8"
+    # a TensorRT engine computes in its own precision, whatever the graph's
+    assert name("fp32", device="cuda", engine_precision="fp16") == "fp16"
+    assert name("fp32", device="cuda", tf32=False, engine_precision="fp32") == "fp32"
+    assert name("fp16", device="cuda", engine_precision="bf16") == "bf16"
+    with pytest.raises(OptionsError, match="no tolerance preset for precision 'fp8'"):
+        tolerance_for_run("fp8")

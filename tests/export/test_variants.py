@@ -1,4 +1,4 @@
-"""fp16, int8 and ORT-fused variants of the tiny graph, each validated against its preset."""
+"""fp16, int8, int4 and ORT-fused variants of the tiny graph, each validated against its preset."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from export.compare import tolerance_for
 from export.errors import OptionsError
 from export.validate import validate_export
-from export.variants import make_variant, residual_adds
+from export.variants import Int4Options, make_variant, residual_adds
 
 N_LAYER = 2
 
@@ -34,7 +34,7 @@ def variant(tiny_bundle, tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "ort-fused"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4", "ort-fused"])
 def test_variant_validates_against_its_preset(variant, tiny_model, tiny_bundle, precision):
     path, info = variant(precision)
     report = validate_export(path, tiny_model, tolerance_for(precision), raise_on_failure=False)
@@ -118,6 +118,90 @@ def test_int8_quantizes_the_weight_matmuls_only(variant):
     assert ops.get("Gemm", 0) == 0
     m = onnx.load(str(path))
     assert sum(1 for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8) >= 4 * N_LAYER
+
+
+def _attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_int4_quantizes_the_weight_matmuls_and_the_lm_head(variant, tiny_bundle):
+    path, info = variant("int4")
+    ops = info.ops_after
+    # 4 weight matmuls per block + the lm_head, all MatMulNBits; no Gemm left
+    assert ops.get("MatMulNBits") == 4 * N_LAYER + 1 == info.details["matmuls_quantized"]
+    assert ops.get("Gemm", 0) == 0
+    d = info.details
+    assert (d["bits"], d["block_size"], d["symmetric"], d["accuracy_level"]) == (4, 32, False, 4)
+    assert d["lm_head_quantized"] is True
+    m = onnx.load(str(path))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    node = prod["logits"]
+    while node.op_type != "MatMulNBits":  # logits <- reshapes <- the lm_head
+        assert node.op_type in ("Reshape", "Identity", "Cast"), node.op_type
+        node = prod[node.input[0]]
+    a = _attrs(node)
+    assert (a["bits"], a["block_size"], a["K"], a["N"], a["accuracy_level"]) == (4, 32, 64, 50257, 4)
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            assert _attrs(n)["bits"] == 4 and n.domain == "com.microsoft", n.name
+    # the embedding lookup keeps the fp32 table; the Transpose that fed the lm_head is gone
+    inits = {i.name: i for i in m.graph.initializer}
+    tables = [i for i in inits.values() if sorted(i.dims) == [64, 50257]]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.FLOAT
+    assert not any(n.op_type == "Transpose" and n.input[0] == tables[0].name for n in m.graph.node)
+    assert info.ops_after["Transpose"] == info.ops_before["Transpose"] - 1
+    # the lm_head's 4-bit copy (+ scales, zero points) is ~6x smaller than the fp32 table
+    head_bytes = sum(len(inits[i].raw_data) for i in node.input[1:4] if i)
+    assert head_bytes < len(tables[0].raw_data) / 5
+
+
+def test_int4_options_lm_head_fp32_and_symmetric(tiny_bundle, tiny_model, tmp_path):
+    out = tmp_path / "model.onnx"
+    info = make_variant(
+        tiny_bundle.onnx_path, out, "int4", int4=Int4Options(block_size=16, symmetric=True, lm_head=False)
+    )
+    assert info.ops_after["MatMulNBits"] == 4 * N_LAYER and not info.details["lm_head_quantized"]
+    m = onnx.load(str(out))
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert all(_attrs(n)["block_size"] == 16 for n in nbits)
+    # symmetric: no zero-point input
+    assert all(len(n.input) < 4 or not n.input[3] for n in nbits)
+    head = {o: n for n in m.graph.node for o in n.output}["logits"]
+    while head.op_type not in ("MatMul", "MatMulNBits"):
+        head = {o: n for n in m.graph.node for o in n.output}[head.input[0]]
+    assert head.op_type == "MatMul"
+    report = validate_export(out, tiny_model, tolerance_for("int4"), raise_on_failure=False)
+    assert report, str(report)
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (Int4Options(block_size=24), "block_size must be a power of two >= 16, got 24"),
+        (Int4Options(block_size=8), "block_size must be a power of two >= 16, got 8"),
+        (Int4Options(accuracy_level=7), "accuracy_level must be 0..4, got 7"),
+    ],
+)
+def test_int4_bad_options(tiny_bundle, tmp_path, opts, message):
+    with pytest.raises(OptionsError, match=message):
+        make_variant(tiny_bundle.onnx_path, tmp_path / "m.onnx", "int4", int4=opts)
+
+
+def test_int4_bundle_records_its_error_and_tolerance(tmp_path):
+    """`gpt2-deploy export --precision int4`: validated, measured error and top-1 in the manifest."""
+    from export.api import ExportOptions, export_bundle
+    from export.cli import Precision
+
+    assert Precision("int4").value == "int4"  # the CLI's choice comes from EXPORT_PRECISIONS
+    b = export_bundle(
+        ExportOptions(model="tiny", out=tmp_path / "int4", precision="int4", reference=False, quiet=True)
+    )
+    v = b.manifest.validation
+    assert b.manifest.precision == "int4" and v["passed"] and v["tolerance"]["name"] == "int4"
+    assert 0 < v["max_abs"] <= tolerance_for("int4").atol and 0.5 <= v["top1_agreement"] <= 1.0
+    variant = b.manifest.export["variant"]
+    assert variant["block_size"] == 32 and variant["lm_head_quantized"] is True
+    assert variant["ops_changed_before_after"]["MatMulNBits"] == [0, 4 * N_LAYER + 1]
 
 
 def test_ort_fused_records_its_fusions(variant):
