@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from deploy.presets import PRECISIONS, PRESETS, preset_help
+from deploy.presets import ENGINE_PRECISIONS, PRESETS, preset_help
 from export.cli import BUNDLE
 
 PRESET_NAMES = "|".join(PRESETS)
@@ -25,7 +25,7 @@ def build(
         f"{preset_help()}.",
     ),
     precision: str = typer.Option(
-        None, help=f"{'|'.join(PRECISIONS)} (default: the preset's). fp32 and fp16 bundles only."
+        None, help=f"{'|'.join(ENGINE_PRECISIONS)} (default: the preset's). fp32 and fp16 bundles only."
     ),
     workspace: str = typer.Option(None, help="Builder workspace limit, e.g. 2G or 512M (default: preset's)."),
     opt_level: int = typer.Option(
@@ -71,7 +71,7 @@ def build(
     from deploy.trt_build import BuildError, BuildOptions, build_engine, plan_build
     from deploy.trtexec import format_command, installed_trt_major
     from export.deps import MissingDependencyError
-    from export.errors import OptionsError
+    from export.errors import EXIT_FAILED, EXIT_OPTIONS, OptionsError
     from export.manifest import Bundle, BundleError
 
     opts = BuildOptions(
@@ -111,7 +111,7 @@ def build(
         entry = build_engine(b, opts)
     except (OptionsError, BundleError, MissingDependencyError, BuildError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2 if isinstance(e, OptionsError) else 1) from None
+        raise typer.Exit(EXIT_OPTIONS if isinstance(e, OptionsError) else EXIT_FAILED) from None
     typer.echo(
         f"built {b.root / entry.file} in {entry.build_seconds:.1f} s: TensorRT {entry.tensorrt_version}, "
         f"{entry.gpu_name} (sm {entry.compute_capability}), {entry.precision}"

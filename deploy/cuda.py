@@ -4,8 +4,7 @@ queries, and why TensorRT cannot run here.
     info = cuda_device_info(0)          # name, compute capability, memory, integrated (Jetson)
     cuda_check(cudart().cudaSetDevice(0), "cudaSetDevice")
 
-Only the standard library is imported at module level (cuda-python, not torch: see
-``serving/backends/trt_backend.py``).
+Only the standard library is imported at module level.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ def cudart() -> Any:
     """cuda-python's runtime module: ``cuda.bindings.runtime`` (cuda-python >= 12.6; the only path in
     13.x), else the legacy ``cuda.cudart`` of older 12.x releases."""
     try:
-        from cuda.bindings import runtime  # type: ignore[import-not-found]
+        from cuda.bindings import runtime
 
         return runtime
     except ImportError:
         pass
     try:
-        from cuda import cudart as legacy  # type: ignore[import-not-found]
+        from cuda import cudart as legacy
 
         return legacy
     except ImportError:

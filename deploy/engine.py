@@ -1,26 +1,11 @@
-"""A TensorRT engine's manifest entry, and the decision whether a runtime may load it.
+"""A TensorRT engine's manifest entry, and the decisions whether a runtime may load it.
 
 The builder records one ``EngineEntry`` per engine in ``Manifest.engines``; the TensorRT backend
-reads it back and asks ``check_compatibility`` before handing the plan to TensorRT, so that a
-mismatch is refused with a message naming what was built and what is running, instead of a null
-engine and a log line from inside ``deserialize_cuda_engine``.
-
-The rules follow TensorRT's "Engine Compatibility" documentation (TensorRT 10/11):
-- a plain engine runs only on the TensorRT version that built it (major.minor.patch) and on a GPU
-  of the compute capability it was built on;
-- a version-compatible engine (``BuilderFlag.VERSION_COMPATIBLE``) runs on the building version
-  and later ones (and on the lean runtime); a runtime older than the builder (major.minor.patch)
-  is refused;
-- with ``EXCLUDE_LEAN_RUNTIME`` the plan carries no lean runtime: a runtime of the *same*
-  major.minor.patch (full or lean) loads it directly; any other version needs the builder's lean
-  runtime library loaded with ``Runtime.load_runtime`` (``RuntimeInfo.lean_library``). That
-  library's version is read from its file name where it has one (``libnvinfer_lean.so.10.13.3``:
-  major.minor.patch must match; ``libnvinfer_lean.so.10``: only the major can be checked, and a
-  note says so); a name without a version is accepted with a note;
-- ``HardwareCompatibilityLevel.AMPERE_PLUS`` lifts the compute-capability match to "any GPU of
-  compute capability >= 8.0"; ``SAME_COMPUTE_CAPABILITY`` allows other GPUs of the same one.
-
-Only the standard library is imported here; the CUDA device helpers are in ``deploy.cuda``.
+reads it back and asks ``check_compatibility`` (TensorRT version, lean runtime, GPU) and
+``check_host_code`` (a plan with executable host code needs an explicit opt-in) before handing the
+plan to TensorRT, so a mismatch is refused with a message naming what was built and what is
+running. The rules, from TensorRT's "Engine Compatibility" documentation: docs/tensorrt.md
+"Portability and the lean runtime".
 """
 
 from __future__ import annotations
@@ -28,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from export.compare import tolerance_for_run
 
 ENGINES_DIR = "engines"
 HARDWARE_COMPAT_LEVELS = ("none", "ampere_plus", "same_compute_capability")
@@ -123,10 +110,16 @@ class EngineEntry:
 
     @property
     def tolerance_name(self) -> str:
-        """The ``export.compare`` tolerance preset this engine is held to."""
-        if self.precision == "fp32":
-            return "tf32" if self.tf32 else "fp32"
-        return self.precision
+        """The ``export.compare`` tolerance preset this engine is held to (``tolerance_for_run``)."""
+        return tolerance_for_run(
+            self.precision, device="cuda", tf32=self.tf32, engine_precision=self.precision
+        ).name
+
+    @property
+    def embeds_host_code(self) -> bool:
+        """A version-compatible plan carries TensorRT's lean runtime, executable host code, unless it
+        was built with --exclude-lean-runtime."""
+        return self.version_compatible and not self.exclude_lean_runtime
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +185,29 @@ class Compatibility:
         if self:
             return "compatible" + (f" ({'; '.join(self.notes)})" if self.notes else "")
         return "; ".join(self.problems)
+
+
+TRUST_HOST_CODE_FLAG = "--trust-engine-host-code"
+
+
+def check_host_code(entry: EngineEntry, trusted: bool) -> Compatibility:
+    """Whether ``entry``'s plan may be loaded as far as its executable host code goes.
+
+    A version-compatible plan embeds TensorRT's lean runtime, a native library that runs in the
+    loading process (TensorRT loads it only with ``Runtime.engine_host_code_allowed``). The bundle's
+    sha256 of the plan sits in the same directory as the plan, so it says nothing about who wrote
+    either: such a plan is loaded only when the operator says it is trusted (``trusted``).
+    """
+    out = Compatibility()
+    if entry.embeds_host_code and not trusted:
+        out.problems.append(
+            f"{entry.file} is a version-compatible engine: it carries TensorRT's lean runtime as "
+            "executable host code, which would run in this process when the plan loads, and a hash "
+            "stored beside it in the bundle does not prove who built it; pass "
+            f"{TRUST_HOST_CODE_FLAG} if you trust the bundle's origin, or rebuild the engine without "
+            "--version-compatible (or with --exclude-lean-runtime)"
+        )
+    return out
 
 
 def check_compatibility(entry: EngineEntry, rt: RuntimeInfo) -> Compatibility:

@@ -1,19 +1,10 @@
 """Edge presets and the TensorRT optimization profiles derived from them.
 
-A preset names a deployment target and the limits an engine is built for there: the largest batch,
-the longest context (prompt + generated tokens), the longest prompt handled in one prefill, the
-builder's workspace and the default precision. The limits are chosen from the target's memory
-budget; the numbers below are for GPT-2 124M/355M (the sizes that fit every target) and are
-clipped to the model's own context length (``n_positions``) when profiles are computed.
-
-Two optimization profiles are derived for the KV-cache decoder graph (``export.contract``):
-
-    profile 0 "context"    (prefill)  past = 0,            seq in [1, max_prompt]
-    profile 1 "generation" (decode)   past in [1, ctx - 1], seq = 1
-
-so TensorRT tunes prefill kernels for long sequences and decode kernels for seq = 1 separately
-(one ``opt`` point cannot serve both). ``total = past + seq`` is its own symbol in the contract,
-so the attention mask's range is spelled out per profile.
+A preset names a deployment target and the limits an engine is built for there (max batch, max
+context, max prompt per prefill, workspace, default precision); ``ProfileLimits.resolve`` clips
+them to the model's ``n_positions`` and the overrides, and ``compute_profiles`` derives the two
+profiles: "context" (prefill, past = 0) and "generation" (decode, seq = 1). Why the limits are what
+they are: each preset's ``why`` (shown by ``build --help``) and docs/tensorrt.md "Presets".
 
 Only the standard library is imported here: ``--print-trtexec`` and the CPU tests read it.
 """
@@ -29,7 +20,9 @@ from export.errors import OptionsError
 GiB = 1 << 30
 MiB = 1 << 20
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+# What a TensorRT engine computes in (`build --precision`; a bundle's graph variants are
+# export.variants.EXPORT_PRECISIONS).
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -66,9 +59,13 @@ class EdgePreset:
         return asdict(self)
 
 
-# Memory budgets (GPT-2 124M, fp16 weights ~250 MB; the KV cache per token per sequence is
-# n_layer * 2 * n_embd * 4 bytes = 72 KB in fp32 I/O, and the TensorRT backend keeps two copies
-# (ping-pong) at the maximum shape: 2 * max_batch * max_context * 72 KB).
+# Memory budgets (``memory_budget``; every part per preset in docs/tensorrt.md "Memory budget"). GPT-2
+# 124M in fp16: ~311 MiB of weights (the tied embedding / lm_head table stays fp32). The KV cache per
+# token per sequence is n_layer * 2 * n_embd * 4 bytes = 72 KiB in fp32 I/O, and one cache is a
+# ping-pong pair at the maximum shape: 2 * max_batch * max_context * 72 KiB (the backend allocates
+# several: the running batch, a prefill before it joins, a solo run). The logits buffer is
+# max_batch x 1 x vocab (engines are built from the generation graph, the lm_head on the last
+# position only): 3 MiB on `server`, where every prompt position's logits took 3.1 GiB.
 PRESETS: dict[str, EdgePreset] = {
     "server": EdgePreset(
         "server",
@@ -80,9 +77,9 @@ PRESETS: dict[str, EdgePreset] = {
         opt_prompt=128,
         workspace=8 * GiB,
         precision="fp16",
-        why="KV ping-pong at B=16, T=1024: 2.4 GB for 124M, 20 GB for 1.5B: fits a 24 GB card for "
-        "124M-774M and an 80 GB card for every size; 8 GiB workspace lets the builder try "
-        "every tactic.",
+        why="KV ping-pong at B=16, T=1024: 2.4 GB per cache for 124M, 20 GB for 1.5B: fits a 24 GB "
+        "card for 124M-355M and an 80 GB card for every size; logits B x 1 x V: 3 MB; 8 GiB "
+        "workspace lets the builder try every tactic.",
     ),
     "orin-nano": EdgePreset(
         "orin-nano",
@@ -95,8 +92,8 @@ PRESETS: dict[str, EdgePreset] = {
         workspace=1 * GiB,
         precision="fp16",
         why="8 GB is shared with the OS and the app (~3-4 GB usable for inference); KV ping-pong "
-        "at B=2, T=512 is 150 MB for 124M; a 1 GiB workspace keeps the build itself from "
-        "being OOM-killed on the device.",
+        "at B=2, T=512 is 150 MB per cache for 124M; a 1 GiB workspace keeps the build itself "
+        "from being OOM-killed on the device.",
     ),
     "orin-nx": EdgePreset(
         "orin-nx",
@@ -108,8 +105,8 @@ PRESETS: dict[str, EdgePreset] = {
         opt_prompt=128,
         workspace=2 * GiB,
         precision="fp16",
-        why="~10 GB usable: KV ping-pong at B=4, T=1024 is 600 MB for 124M, 1.6 GB for 355M; "
-        "2 GiB workspace.",
+        why="~10 GB usable: KV ping-pong at B=4, T=1024 is 600 MB per cache for 124M, 1.6 GB for "
+        "355M; 2 GiB workspace.",
     ),
     "agx-orin": EdgePreset(
         "agx-orin",
@@ -121,7 +118,8 @@ PRESETS: dict[str, EdgePreset] = {
         opt_prompt=128,
         workspace=4 * GiB,
         precision="fp16",
-        why="~50 GB usable: KV ping-pong at B=8, T=1024 is 1.2 GB for 124M, 10 GB for 1.5B; 4 GiB workspace.",
+        why="~50 GB usable: KV ping-pong at B=8, T=1024 is 1.2 GB per cache for 124M, 10 GB for "
+        "1.5B; 4 GiB workspace.",
     ),
 }
 
@@ -257,3 +255,88 @@ def profile_summary(profiles: list[ProfileSpec], contract: IOContract) -> list[d
         {"name": p.name, **{axis: list(p.axis_range(contract, axis)) for axis in (BATCH, SEQ, PAST, TOTAL)}}
         for p in profiles
     ]
+
+
+# --- memory budget ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Device memory of an engine at its limits, by part, in bytes (docs/tensorrt.md "Memory budget").
+
+    ``weights`` and ``activations`` are estimates from the model's shape (the plan's file size and
+    ``ICudaEngine.device_memory_size_v2`` are the measurements); ``kv_per_row``, ``kv``, ``logits``
+    and ``inputs`` are the buffers the TensorRT backend allocates at load, exactly.
+
+    Args:
+        weights: Matmul weights in the engine precision; the tied embedding / lm_head table in fp32
+            (the lm_head is kept fp32) once (a second, fp16 copy for the embedding lookup may add
+            vocab x n_embd x 2).
+        kv_per_row: One sequence at max_context, both ping-pong halves: 2 x T_max x n_layer x 2 x
+            n_embd x 4 (fp32 KV I/O).
+        kv: ``kv_caches`` caches of max_batch rows each.
+        logits: The logits buffer, B_max x positions x V x 4 (positions 1 for the generation graph).
+        logits_all_positions: What it is for a graph returning every position: B_max x max_prompt x V x 4.
+        inputs: input_ids, position_ids (B_max x max_prompt) and attention_mask (B_max x T_max), int64.
+        activations: The largest intermediates of a context-profile run at B_max x max_prompt: the
+            attention scores (B x heads x S x S, fp32: Softmax is kept fp32; none with a fused
+            attention kernel) and the MLP's hidden layer (B x S x 4 n_embd).
+    """
+
+    weights: int
+    kv_per_row: int
+    kv: int
+    kv_caches: int
+    logits: int
+    logits_all_positions: int
+    inputs: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.logits + self.inputs + self.activations
+
+    @property
+    def total_all_positions(self) -> int:
+        """``total`` with the logits of every prompt position (engines built before the generation graph)."""
+        return self.total - self.logits + self.logits_all_positions
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total, "total_all_positions": self.total_all_positions}
+
+
+def memory_budget(
+    contract: IOContract,
+    n_positions: int,
+    limits: ProfileLimits,
+    *,
+    precision: str,
+    kv_caches: int,
+    logits_positions: int = 1,
+) -> MemoryBudget:
+    """The device memory an engine of ``limits`` needs for a model of ``contract``'s shape.
+
+    Args:
+        contract: The model's I/O contract (layers, heads, head size, vocabulary).
+        n_positions: The model's position table size (wpe).
+        limits: The engine's limits (``ProfileLimits.resolve``).
+        precision: The engine precision (fp32, fp16, bf16): bytes per matmul weight.
+        kv_caches: How many KV caches the backend allocates (each a ping-pong pair of max_batch rows).
+        logits_positions: Logits positions per row the engine returns (1: the generation graph).
+    """
+    e, v, layers = contract.n_head * contract.head_dim, contract.vocab_size, contract.n_layer
+    b, t, s = limits.max_batch, limits.max_context, limits.max_prompt
+    wbytes = 4 if precision == "fp32" else 2
+    blocks = layers * (12 * e * e + 13 * e)  # c_attn 3E^2+3E, c_proj E^2+E, MLP 8E^2+5E, 2 LayerNorms 4E
+    weights = wbytes * (blocks + n_positions * e) + 4 * (v * e + 2 * e)  # + tied table and ln_f in fp32
+    kv_per_row = 2 * t * layers * 2 * e * 4
+    scores = b * contract.n_head * s * s * 4
+    mlp = b * s * 4 * e * wbytes
+    return MemoryBudget(
+        weights=weights,
+        kv_per_row=kv_per_row,
+        kv=kv_caches * b * kv_per_row,
+        kv_caches=kv_caches,
+        logits=b * logits_positions * v * 4,
+        logits_all_positions=b * s * v * 4,
+        inputs=(2 * b * s + b * t) * 8,
+        activations=scores + mlp,
+    )

@@ -3,28 +3,13 @@
     bundle = Bundle.open("bundles/tiny")
     entry = build_engine(bundle, BuildOptions(preset="orin-nano", precision="fp16"))
 
-Steps (TensorRT 10/11 Python API; each step's model is named where it is not obvious):
-1. parse the ONNX with ``OnnxParser.parse_from_file`` (so external data is found beside the graph,
-   as Polygraphy's ``NetworkFromOnnxPath`` does) and report every parser error with its node;
-2. two optimization profiles from the preset (``deploy.presets.compute_profiles``);
-3. precision: fp32 (TF32 off unless asked), fp16 or bf16 with LayerNorm, Softmax, the residual
-   Adds and the logits kept in fp32 (the nodes named by ``export.variants.fp32_node_names``) --
-   on TensorRT 10 through layer precision constraints (``layer.precision``, ``set_output_type``
-   and ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``); TensorRT 11 removed weak typing (every
-   network is strongly typed, the FP16/BF16 builder flags are gone), so there the graph itself
-   is converted to mixed precision before parsing (``export.variants``' fp16 variant, the same
-   conversion ``export --precision fp16`` does), with the same nodes kept in fp32;
-4. workspace limit (``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``), builder optimization
-   level, version compatibility / lean-runtime exclusion, hardware compatibility level;
-5. a timing cache loaded from and saved beside the engine (Polygraphy's ``CreateConfig`` /
-   ``EngineBytesFromNetwork``: ``create_timing_cache`` + ``set_timing_cache``, then
-   ``get_timing_cache().combine(previous, ignore_mismatch=False)`` and ``serialize()``; a cache
-   that did not match this device/version is overwritten, not merged back);
-6. a progress bar fed by ``IProgressMonitor`` (NVIDIA's ``simple_progress_monitor`` sample);
-7. ``build_serialized_network``; the plan and cache go to ``BUNDLE/engines/``, and an
-   ``EngineEntry`` to ``Manifest.engines`` and ``Manifest.files``.
-
-``plan_build`` (everything but TensorRT) is pure and backs ``--print-trtexec`` and the CPU tests.
+``plan_build`` decides everything that needs no TensorRT (limits, profiles, precision, file names)
+and backs ``--print-trtexec`` and the CPU tests. ``build_engine`` writes the graph generation needs
+(the lm_head on the last position only, ``write_generation_graph``), parses it, keeps LayerNorm,
+Softmax, the residual Adds and the logits in fp32 (TensorRT 10: layer precision constraints;
+TensorRT 11, strongly typed: the graph is converted to mixed precision first), builds with a timing
+cache beside the engine, and records the ``EngineEntry`` under the bundle's manifest lock
+(``record_engine``). Each step and why: docs/tensorrt.md "Build" and "Precision".
 """
 
 from __future__ import annotations
@@ -32,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import sys
 import tempfile
 import time
@@ -43,7 +29,7 @@ from typing import Any
 from deploy.cuda import cuda_device_info, set_cuda_device
 from deploy.engine import ENGINES_DIR, HARDWARE_COMPAT_LEVELS, EngineEntry, upsert_engine
 from deploy.presets import (
-    PRECISIONS,
+    ENGINE_PRECISIONS,
     EdgePreset,
     ProfileLimits,
     ProfileSpec,
@@ -55,7 +41,8 @@ from deploy.trtexec import trtexec_command
 from export.contract import LOGITS
 from export.deps import require
 from export.errors import OptionsError
-from export.manifest import Bundle
+from export.manifest import Bundle, Manifest
+from export.validate import check_graph
 
 MAX_OPT_LEVEL = 5  # TensorRT 10/11: builder optimization levels 0..5, default 3
 # Bundle graphs TensorRT's ONNX parser takes: ort-fused uses com.microsoft contrib ops and int8
@@ -124,15 +111,15 @@ class BuildOptions:
         problems = []
         try:
             get_preset(self.preset)
-        except ValueError as e:
+        except OptionsError as e:
             problems.append(str(e))
-        if self.precision is not None and self.precision not in PRECISIONS:
-            problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision is not None and self.precision not in ENGINE_PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {', '.join(ENGINE_PRECISIONS)}")
         if self.workspace is not None:
             try:
                 if parse_size(self.workspace) <= 0:
                     problems.append("workspace must be > 0")
-            except ValueError as e:
+            except OptionsError as e:
                 problems.append(str(e))
         if self.opt_level is not None and not 0 <= self.opt_level <= MAX_OPT_LEVEL:
             problems.append(f"opt level must be in 0..{MAX_OPT_LEVEL}, got {self.opt_level}")
@@ -174,6 +161,12 @@ class BuildPlan:
         return self.bundle.root / self.engine_rel
 
     @property
+    def generation_graph(self) -> Path:
+        """Where the printed steps write the graph TensorRT builds from (``write_generation_graph``):
+        beside the bundle's graph, whose external data it shares."""
+        return generation_graph_path(self.bundle.onnx_path)
+
+    @property
     def timing_cache_rel(self) -> str | None:
         """The cache's bundle-relative path, or None when it lives outside the bundle."""
         try:
@@ -191,9 +184,9 @@ class BuildPlan:
         """The trtexec argv for this build (TensorRT 10 flags unless ``strongly_typed``)."""
         o = self.options
         if fp32_layers is None and self.precision != "fp32" and not strongly_typed:
-            fp32_layers = onnx_fp32_node_names(self.bundle.onnx_path)
+            fp32_layers = onnx_fp32_node_names(self.bundle.onnx_path, last_position=True)
         return trtexec_command(
-            onnx_path or self.bundle.onnx_path,
+            onnx_path or self.generation_graph,
             self.engine_path,
             self.profiles,
             precision=self.precision,
@@ -211,10 +204,11 @@ class BuildPlan:
     def trtexec_steps(self, trt_major: int = 10) -> list[list[str]]:
         """The commands equivalent to this build with TensorRT ``trt_major``'s trtexec, in order.
 
-        TensorRT 10: one trtexec line (precision flags and fp32 layer constraints). TensorRT 11
-        (strongly typed, no precision flags): for fp16 from an fp32 bundle, first the command that
-        writes the mixed-precision ONNX (``export.variants``' fp16 variant, what ``build`` does),
-        then trtexec with ``--stronglyTyped`` on that graph.
+        First the command that writes the graph generation needs (``write_generation_graph``: the
+        lm_head on the last position only), then trtexec on it: TensorRT 10 with precision flags and
+        fp32 layer constraints; TensorRT 11 (strongly typed, no precision flags) with
+        ``--stronglyTyped``, and for fp16 from an fp32 bundle the first command also converts that
+        graph to mixed precision (``export.variants``' fp16 variant, what ``build`` does).
 
         Raises:
             OptionsError: ``trt_major`` is not 10 or 11, or bf16 for TensorRT 11 (needs a converter
@@ -222,20 +216,26 @@ class BuildPlan:
         """
         if trt_major not in (10, 11):
             raise OptionsError(f"--trt-major must be 10 or 11, got {trt_major}")
+        # double-quoted literals (JSON strings are Python literals): the shell quotes stay readable
+        src, last = json.dumps(str(self.bundle.onnx_path)), json.dumps(str(self.generation_graph))
+        derive = [
+            "python",
+            "-c",
+            f"from deploy.trt_build import write_generation_graph; write_generation_graph({src}, {last})",
+        ]
         if trt_major == 10:
-            return [self.trtexec()]
+            return [derive, self.trtexec()]
         if self.precision == "fp32" or self.bundle.manifest.precision != "fp32":
-            return [self.trtexec(strongly_typed=True)]
+            return [derive, self.trtexec(strongly_typed=True)]
         if self.precision != "fp16":
             raise OptionsError(
                 f"{self.precision} with TensorRT 11 needs a graph that carries {self.precision} types "
                 "(its trtexec has no --bf16); convert it with NVIDIA ModelOpt AutoCast or build fp16/fp32"
             )
         converted = self.engine_path.with_suffix(".fp16.onnx")
-        # double-quoted literals (JSON strings are Python literals): the shell quotes stay readable
         code = (
-            "from export.variants import make_variant; "
-            f'make_variant({json.dumps(str(self.bundle.onnx_path))}, {json.dumps(str(converted))}, "fp16")'
+            "from deploy.trt_build import write_generation_graph; from export.variants import make_variant; "
+            f'make_variant(write_generation_graph({src}, {last}), {json.dumps(str(converted))}, "fp16")'
         )
         return [["python", "-c", code], self.trtexec(strongly_typed=True, onnx_path=converted)]
 
@@ -244,7 +244,8 @@ def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
     """Resolve options against the preset and the model; compute the profiles. No TensorRT needed.
 
     Raises:
-        OptionsError: invalid options, or a bundle whose graph TensorRT cannot parse.
+        OptionsError: invalid options, a bundle whose graph TensorRT cannot parse, or a precision
+            the bundle's graph cannot give (bf16 from an fp16 graph).
     """
     options.check()
     bundle_precision = bundle.manifest.precision
@@ -280,6 +281,13 @@ def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
             f"--max-prompt {options.max_prompt} is more than the max context: clipped to {limits.max_prompt}"
         )
     engine_precision = precision
+    if bundle_precision == "fp16" and precision == "bf16":
+        # TensorRT 11 (strongly typed) would run the graph's fp16 types; TensorRT 10 would mix them
+        raise OptionsError(
+            "the bundle's graph is fp16 (its weights and matmuls carry fp16 types), so a bf16 engine "
+            "cannot be built from it: TensorRT would compute in fp16, not bf16; export an fp32 bundle "
+            "for a bf16 engine, or build this one with --precision fp16"
+        )
     if bundle_precision == "fp16" and precision == "fp32":
         engine_precision = "fp16"
         notes.append(
@@ -287,8 +295,6 @@ def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
             "build computes in fp16 and is recorded as fp16; export an fp32 bundle for an fp32 "
             "engine"
         )
-    elif bundle_precision not in ("fp32", precision):
-        notes.append(f"the bundle's graph is {bundle_precision}; building {precision} from it")
     return BuildPlan(
         bundle,
         options,
@@ -305,19 +311,52 @@ def plan_build(bundle: Bundle, options: BuildOptions) -> BuildPlan:
 
 
 # --- ONNX helpers (onnx only; no TensorRT) ----------------------------------------------------------
-def onnx_fp32_names(onnx_path: Path) -> dict[str, list[str]]:
-    """``export.variants.fp32_node_names`` of the graph at ``onnx_path`` (weights not loaded)."""
+def generation_graph_path(onnx_path: Path) -> Path:
+    """``model.onnx`` -> ``model_last.onnx`` beside it (``write_generation_graph``'s default)."""
+    return onnx_path.with_name(f"{onnx_path.stem}_last.onnx")
+
+
+def write_generation_graph(src: str | Path, dst: str | Path | None = None) -> Path:
+    """Write the graph a TensorRT engine is built from: ``src`` (a bundle's graph, the main
+    contract) with its lm_head on the last position only (``logits_positions="last"``: logits
+    (batch, 1, vocab)); generation reads nothing else, and the engine's logits buffer shrinks from
+    B_max x max_prompt x V to B_max x 1 x V. It refers to ``src``'s weights (external data shared),
+    so ``dst`` (default ``generation_graph_path(src)``) must be in ``src``'s directory when ``src``
+    has external data. Returns ``dst``.
+
+    Raises:
+        BuildError: the graph's lm_head was not found (``select_logits_positions``), or ``dst`` is
+            elsewhere than an external ``src``'s directory.
+    """
+    from export.onnx_export import write_logits_graph
+
+    src = Path(src)
+    dst = Path(dst) if dst is not None else generation_graph_path(src)
+    try:
+        write_logits_graph(src, dst, "last")
+    except ValueError as e:
+        raise BuildError(f"cannot write the generation graph of {src}: {e}") from None
+    return dst
+
+
+def onnx_fp32_names(onnx_path: Path, *, last_position: bool = False) -> dict[str, list[str]]:
+    """``export.variants.fp32_node_names`` of the graph at ``onnx_path`` (weights not loaded), or,
+    with ``last_position``, of the generation graph derived from it (``write_generation_graph``)."""
     onnx = require("onnx")
+    from export.onnx_export import select_logits_positions
     from export.variants import fp32_node_names
 
-    return fp32_node_names(onnx.load(str(onnx_path), load_external_data=False).graph)
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    if last_position:
+        select_logits_positions(m, "last")
+    return fp32_node_names(m.graph)
 
 
-def onnx_fp32_node_names(onnx_path: Path) -> list[str]:
+def onnx_fp32_node_names(onnx_path: Path, *, last_position: bool = False) -> list[str]:
     """Names of the ONNX nodes kept in fp32 for reduced precision, LayerNorm/Softmax first, the
     lm_head last (TensorRT's ONNX parser names the layers it creates after these nodes, which is
     what trtexec's --layerPrecisions matches)."""
-    groups = onnx_fp32_names(onnx_path)
+    groups = onnx_fp32_names(onnx_path, last_position=last_position)
     names = [*groups["ops"], *groups["residual_adds"], *reversed(groups["lm_head"])]
     return list(dict.fromkeys(names))
 
@@ -473,6 +512,12 @@ def _check_network_io(network: Any, plan: BuildPlan) -> None:
         problems.append(f"graph inputs not in the contract (no profile for them): {extra}")
     if missing := sorted(set(contract.output_names) - set(got_out)):
         problems.append(f"outputs missing from the graph: {missing}")
+    logits = next((network.get_output(i) for i in range(network.num_outputs) if got_out[i] == LOGITS), None)
+    if logits is not None and (len(logits.shape) != 3 or logits.shape[1] != 1):
+        problems.append(
+            f"{LOGITS} has shape {list(logits.shape)}; the generation graph's is (batch, 1, vocab) "
+            "(the last position only)"
+        )
     if problems:
         raise BuildError(
             "the ONNX graph does not match the bundle's I/O contract:\n"
@@ -552,17 +597,24 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    onnx_path = bundle.onnx_path
     strongly_typed = major >= 11
     tmp = None
-    if strongly_typed and plan.precision != "fp32" and bundle.manifest.precision == "fp32":
-        tmp = tempfile.TemporaryDirectory(prefix="gpt2-deploy-trt-")
-        onnx_path = convert_onnx_mixed_precision(onnx_path, Path(tmp.name) / "model.onnx", plan.precision)
-        notes.append(
-            "TensorRT 11 is strongly typed: the graph was converted to fp16 (fp32 I/O, LayerNorm, "
-            "Softmax, residual Adds and logits; export.variants' fp16 variant) before parsing"
-        )
+    # beside the bundle's graph (its external data is shared), under a name no other build uses
+    generation = generation_graph_path(bundle.onnx_path)
+    generation = generation.with_name(f".{generation.stem}-{secrets.token_hex(4)}.onnx")
     try:
+        onnx_path = write_generation_graph(bundle.onnx_path, generation)
+        if problems := check_graph(onnx_path, bundle.contract.with_logits_positions("last")):
+            raise BuildError(
+                f"the generation graph of {bundle.onnx_path} is not valid: " + "; ".join(problems)
+            )
+        if strongly_typed and plan.precision != "fp32" and bundle.manifest.precision == "fp32":
+            tmp = tempfile.TemporaryDirectory(prefix="gpt2-deploy-trt-")
+            onnx_path = convert_onnx_mixed_precision(onnx_path, Path(tmp.name) / "model.onnx", plan.precision)
+            notes.append(
+                "TensorRT 11 is strongly typed: the graph was converted to fp16 (fp32 I/O, LayerNorm, "
+                "Softmax, residual Adds and logits; export.variants' fp16 variant) before parsing"
+            )
         # TensorRT 10: flags 0 is a weakly typed network, where builder precision flags apply.
         # TensorRT 11: every network is strongly typed (the creation flag is accepted and ignored).
         network, parser = _parse_onnx(trt, builder, logger, onnx_path, 0)
@@ -624,6 +676,7 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
         _write_atomic(plan.engine_path, bytes(serialized))
         _save_timing_cache(config, plan.timing_cache, merge=cache_matched)
     finally:
+        generation.unlink(missing_ok=True)
         if tmp is not None:
             tmp.cleanup()
 
@@ -653,6 +706,9 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
             "max_prompt": plan.limits.max_prompt,
             "opt_batch": plan.limits.opt_batch,
             "opt_prompt": plan.limits.opt_prompt,
+            # built from the generation graph: the lm_head on the last position only
+            "logits_positions": "last",
+            "max_logits_shape": [plan.limits.max_batch, 1, bundle.contract.vocab_size],
         },
         build_seconds=round(seconds, 3),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -664,6 +720,29 @@ def build_engine(bundle: Bundle, options: BuildOptions) -> EngineEntry:
     roles = {plan.engine_rel: "engine"}
     if plan.timing_cache_rel and plan.timing_cache.is_file():
         roles[plan.timing_cache_rel] = "timing-cache"
-    manifest = manifest.with_files(bundle.root, roles)
-    bundle.update_manifest(replace(manifest, engines=upsert_engine(manifest.engines, entry)))
+    record_engine(bundle, entry, roles)
     return entry
+
+
+def record_engine(bundle: Bundle, entry: EngineEntry, roles: dict[str, str]) -> Manifest:
+    """Record ``entry`` and its files (``roles``: bundle-relative path -> role, hashed here) in the
+    bundle's manifest, against the manifest as it is on disk, under its lock (``Bundle.update_manifest``):
+    engines recorded meanwhile by other builds are kept.
+
+    Raises:
+        BuildError: the bundle's graph changed since the engine was built from it (a re-export).
+    """
+    hashed = replace(bundle.manifest, files={}).with_files(bundle.root, roles).files  # outside the lock
+
+    def add(current: Manifest) -> Manifest:
+        onnx = current.files.get(entry.onnx_file)
+        if onnx is None or onnx.sha256 != entry.onnx_sha256:
+            raise BuildError(
+                f"{bundle.root / entry.onnx_file} changed while the engine was built from it (re-exported?); "
+                f"{entry.file} is not recorded: build again"
+            )
+        return replace(
+            current, files={**current.files, **hashed}, engines=upsert_engine(current.engines, entry)
+        )
+
+    return bundle.update_manifest(add)

@@ -1,19 +1,11 @@
-"""The ``trtexec`` command line equivalent to a ``gpt2-deploy build``: for users who build with NVIDIA's
-own tool (e.g. on a Jetson with JetPack's ``/usr/src/tensorrt/bin/trtexec``) or want to compare.
+"""The ``trtexec`` command line equivalent to a ``gpt2-deploy build`` (``build --print-trtexec``),
+for building with NVIDIA's own tool, e.g. JetPack's ``/usr/src/tensorrt/bin/trtexec``.
 
-Pure string work: works without TensorRT, torch or a GPU (``gpt2-deploy build --print-trtexec``).
+    argv = trtexec_command(onnx, engine, profiles, precision="fp16", fp32_layers=names)
+    print(format_command(argv))
 
-Flag spellings follow trtexec's ``--help`` (TensorRT 10.x): ``--minShapes/--optShapes/--maxShapes``
-are given once per optimization profile, in profile order (trtexec builds one profile per set);
-``--memPoolSize=workspace:N`` is in MiB; ``--precisionConstraints=obey`` with ``--layerPrecisions``
-and ``--layerOutputTypes`` pins named layers to fp32; ``--hardwareCompatibilityLevel`` takes
-``none``, ``ampere+`` or ``sameComputeCapability`` (the last one from the TensorRT releases that
-have ``HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY``).
-
-TensorRT 11's trtexec dropped ``--fp16``, ``--bf16``, ``--precisionConstraints``,
-``--layerPrecisions`` and ``--layerOutputTypes`` (every network is strongly typed): there the
-graph must carry the types, so ``gpt2-deploy build --print-trtexec --trt-major 11`` prints the
-fp16 conversion of the graph first and a ``--stronglyTyped`` trtexec line on the converted graph.
+Pure string work: no TensorRT, torch or GPU needed. The flag spellings per TensorRT major (11
+dropped the precision flags: strongly typed only) are in docs/tensorrt.md "Build".
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ the error when TensorRT is absent; and (marked trt) real fp32/fp16 engine builds
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def _with_precision(bundle, tmp_path, precision):
     dst = tmp_path / f"tiny-{precision}"
     shutil.copytree(bundle.root, dst)
     b = Bundle.open(dst)
-    b.update_manifest(dataclasses.replace(b.manifest, precision=precision))
+    b.update_manifest(lambda m: dataclasses.replace(m, precision=precision))
     return Bundle.open(dst)
 
 
@@ -223,6 +224,20 @@ def test_fp32_build_of_an_fp16_bundle_records_fp16(tiny_bundle, tmp_path):
     assert plan.precision == "fp32" and plan.engine_precision == "fp16"
     assert any("computes in fp16 and is recorded as fp16" in n for n in plan.notes)
     assert plan_build(b, BuildOptions(precision="fp16")).engine_precision == "fp16"
+
+
+def test_bf16_from_an_fp16_bundle_is_refused_not_recorded_as_bf16(tiny_bundle, tmp_path):
+    """The graph carries fp16 types: TensorRT 11 would run fp16 and the entry would say bf16 (then
+    checked with bf16's looser tolerance). Refused before anything is built, with the way out."""
+    b = _with_precision(tiny_bundle, tmp_path, "fp16")
+    with pytest.raises(OptionsError, match=r"graph is fp16 .* a bf16 engine cannot be built from it"):
+        plan_build(b, BuildOptions(precision="bf16"))
+    for major in ("10", "11"):
+        res = CliRunner().invoke(
+            app, ["build", str(b.root), "--precision", "bf16", "--trt-major", major, "--print-trtexec"]
+        )
+        assert res.exit_code == 2 and "export an fp32 bundle for a bf16 engine" in res.output, res.output
+    assert plan_build(tiny_bundle, BuildOptions(precision="bf16")).engine_precision == "bf16"  # fp32 bundle
 
 
 def test_clipped_overrides_are_noted_and_printed(tiny_bundle):
@@ -262,9 +277,11 @@ def test_print_trtexec_for_tensorrt_11_converts_first(tiny_bundle, tmp_path):
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
     g = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.graph.initializer)
-    # fp32 needs no conversion; TensorRT 10 keeps the precision flags; bf16 has no converter here
-    assert len(plan_build(tiny_bundle, BuildOptions(precision="fp32")).trtexec_steps(11)) == 1
-    assert "--fp16" in plan.trtexec_steps(10)[0]
+    # fp32 needs no conversion (only the generation graph, then trtexec); TensorRT 10 keeps the
+    # precision flags; bf16 has no converter here
+    derive, _ = plan_build(tiny_bundle, BuildOptions(precision="fp32")).trtexec_steps(11)
+    assert "write_generation_graph(" in derive[2] and "make_variant(" not in derive[2]
+    assert "--fp16" in plan.trtexec_steps(10)[-1]
     with pytest.raises(OptionsError, match="ModelOpt AutoCast"):
         plan_build(tiny_bundle, BuildOptions(precision="bf16")).trtexec_steps(11)
     with pytest.raises(OptionsError, match="--trt-major must be 10 or 11, got 9"):
@@ -272,13 +289,84 @@ def test_print_trtexec_for_tensorrt_11_converts_first(tiny_bundle, tmp_path):
 
 
 def test_build_help_lists_the_presets_with_their_reasons():
-    from deploy.cli import PRESET_NAMES
     from deploy.presets import PRESETS
 
-    assert PRESET_NAMES.split("|") == list(PRESETS)
     res = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "400"})
     assert res.exit_code == 0
     text = " ".join(res.output.split())
     for p in PRESETS.values():
         assert p.name in text and p.description.split()[0] in text
     assert "KV ping-pong" in text  # a ``why``
+
+
+# --- recording engines: concurrent builds keep every entry ---------------------------------------------
+def _fake_built(bundle, name: str) -> tuple[EngineEntry, dict[str, str]]:
+    """What build_engine has before it records: a plan file on disk and its entry (no TensorRT:
+    only the manifest bookkeeping is under test here; nothing pretends this plan runs)."""
+    rel = f"engines/{name}.engine"
+    (bundle.root / rel).parent.mkdir(exist_ok=True)
+    (bundle.root / rel).write_bytes(name.encode() * 64)
+    m = bundle.manifest
+    entry = EngineEntry(
+        file=rel,
+        tensorrt_version="10.13.3.9",
+        gpu_name="test",
+        compute_capability="9.0",
+        precision="fp16",
+        profiles=[],
+        onnx_file=m.model_file,
+        onnx_sha256=m.files[m.model_file].sha256,
+    )
+    return entry, {rel: "engine"}
+
+
+def _record_in_process(root: str, names: list[str], start) -> None:
+    from deploy.trt_build import record_engine
+
+    start.wait()
+    for name in names:
+        b = Bundle.open(root, verify_hashes=False)  # each build opens the bundle, builds, then records
+        record_engine(b, *_fake_built(b, name))
+
+
+def test_concurrent_builds_record_every_engine(tiny_bundle, tmp_path):
+    import multiprocessing
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, root)
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(3)
+    names = [[f"p{p}-{i}" for i in range(8)] for p in range(3)]
+    procs = [ctx.Process(target=_record_in_process, args=(str(root), n, start)) for n in names]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    b = Bundle.open(root)  # every engine file recorded with its hash, nothing else lost
+    recorded = sorted(e["file"] for e in b.manifest.engines)
+    assert recorded == sorted(f"engines/{n}.engine" for ns in names for n in ns)
+    assert all(b.manifest.files[f].role == "engine" for f in recorded)
+    assert b.manifest.files.keys() >= tiny_bundle.manifest.files.keys()
+
+
+def test_an_engine_of_a_re_exported_graph_is_not_recorded(tiny_bundle, tmp_path):
+    import dataclasses
+    import shutil
+
+    from deploy.trt_build import record_engine
+    from export.manifest import FileEntry
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, root)
+    b = Bundle.open(root)
+    entry, roles = _fake_built(b, "server-fp16")
+    Bundle.open(root).update_manifest(  # meanwhile the graph was replaced
+        lambda m: dataclasses.replace(
+            m, files={**m.files, m.model_file: FileEntry("0" * 64, m.files[m.model_file].bytes, "onnx")}
+        )
+    )
+    with pytest.raises(BuildError, match=r"model.onnx changed while the engine was built from it"):
+        record_engine(b, entry, roles)
+    assert json.loads((root / "manifest.json").read_text())["engines"] == []

@@ -8,6 +8,7 @@ from deploy.engine import (
     EngineEntry,
     RuntimeInfo,
     check_compatibility,
+    check_host_code,
     lean_library_version,
     parse_compute_capability,
     parse_version,
@@ -137,3 +138,31 @@ def test_hardware_compatibility_levels():
     # every problem is reported at once
     both = check_compatibility(entry(), rt(tensorrt_version="10.0.1.6", compute_capability="8.6"))
     assert len(both.problems) == 2
+
+
+def test_engines_with_host_code_need_an_explicit_opt_in():
+    """A version-compatible plan embeds the lean runtime (executable host code): refused unless
+    trusted, with a message saying why and naming the flag; plans without host code need nothing."""
+    vc = entry(flags={"version_compatible": True})
+    assert vc.embeds_host_code
+    refused = check_host_code(vc, trusted=False)
+    assert not refused
+    msg = str(refused)
+    assert "--trust-engine-host-code" in msg and "executable host code" in msg and vc.file in msg
+    assert "does not prove who built it" in msg
+    assert check_host_code(vc, trusted=True)
+    excluded = entry(flags={"version_compatible": True, "exclude_lean_runtime": True})
+    assert not excluded.embeds_host_code and check_host_code(excluded, trusted=False)
+    assert not entry().embeds_host_code and check_host_code(entry(), trusted=False)
+
+
+def test_engine_tolerance_is_picked_by_export_compare():
+    from export.compare import tolerance_for_run
+
+    for e in (entry(), entry(precision="fp32"), entry(precision="fp32", tf32=True), entry(precision="bf16")):
+        want = tolerance_for_run("fp32", device="cuda", tf32=e.tf32, engine_precision=e.precision)
+        assert e.tolerance_name == want.name
+    assert [e.tolerance_name for e in (entry(precision="fp32"), entry(precision="fp32", tf32=True))] == [
+        "fp32",
+        "tf32",
+    ]

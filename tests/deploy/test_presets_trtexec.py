@@ -6,6 +6,7 @@ import pytest
 
 from deploy.presets import (
     CONTEXT_PROFILE,
+    ENGINE_PRECISIONS,
     GENERATION_PROFILE,
     PRESETS,
     ProfileLimits,
@@ -28,7 +29,7 @@ def test_every_preset_fits_its_memory_story():
     assert set(PRESETS) == {"server", "orin-nano", "orin-nx", "agx-orin"}
     for p in PRESETS.values():
         assert 1 <= p.opt_batch <= p.max_batch and 1 <= p.opt_prompt <= p.max_prompt <= p.max_context
-        assert p.precision in ("fp16", "fp32", "bf16") and p.workspace > 0 and p.why
+        assert p.precision in ENGINE_PRECISIONS and p.workspace > 0 and p.why
     # the smallest device gets the smallest limits
     nano, server = PRESETS["orin-nano"], PRESETS["server"]
     assert nano.max_batch < server.max_batch and nano.workspace < server.workspace
@@ -49,7 +50,10 @@ def test_context_profile_has_empty_past_and_generation_profile_one_token():
         assert set(p.shapes) == set(GPT2.input_names)
     assert ctx.shapes["past_key_values.11.value"] == ((1, 12, 0, 64), (1, 12, 0, 64), (4, 12, 0, 64))
     assert gen.shapes["attention_mask"] == ((1, 2), (1, 513), (4, 1024))
-    assert (CONTEXT_PROFILE, GENERATION_PROFILE) == (0, 1)
+    # the backend selects profiles by these indices: they must point at the profiles built
+    profiles = _profiles("orin-nx")
+    assert profiles[CONTEXT_PROFILE].axis_range(GPT2, "past") == (0, 0, 0)
+    assert profiles[GENERATION_PROFILE].axis_range(GPT2, "seq") == (1, 1, 1)
 
 
 def test_limits_are_clipped_to_the_model_and_overridable():

@@ -1,0 +1,96 @@
+"""Whether a bundle holds a TensorRT engine that can run on this machine (asked by entrypoint.sh).
+
+    python3 engine_status.py BUNDLE [--device N] [--runtime auto|tensorrt|tensorrt_lean]
+                             [--trust-engine-host-code]
+
+Prints one line and exits 0 when an engine can run here (it is named), 1 when none can (no engine
+recorded, TensorRT or the GPU unusable, or every engine built for another GPU / TensorRT version /
+graph, or a plan with host code that is not trusted), 2 when the bundle cannot be read. The rules
+are the TensorRT backend's (``deploy.engine.check_compatibility`` and ``check_host_code``), applied
+without loading the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from deploy.engine import TRUST_HOST_CODE_FLAG, EngineEntry, RuntimeInfo, check_compatibility, check_host_code
+from export.manifest import Bundle, BundleError
+
+RUNTIME_MODULES = {
+    "auto": ("tensorrt", "tensorrt_lean", "tensorrt_lean_bindings"),
+    "tensorrt": ("tensorrt",),
+    "tensorrt_lean": ("tensorrt_lean", "tensorrt_lean_bindings"),
+}
+
+
+def runtime_info(device: int, runtime: str) -> RuntimeInfo:
+    """The TensorRT module and GPU an engine would be loaded with; RuntimeError saying why not."""
+    from deploy.cuda import cuda_device_info
+
+    errors = []
+    for name in RUNTIME_MODULES[runtime]:
+        try:
+            trt = importlib.import_module(name)
+        except ImportError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        try:
+            gpu = cuda_device_info(device)
+        except Exception as e:  # noqa: BLE001 - cuda-python missing, no driver, no such device
+            raise RuntimeError(f"CUDA device {device} is not usable ({type(e).__name__}: {e})") from None
+        kind = "tensorrt" if name == "tensorrt" else "tensorrt_lean"
+        return RuntimeInfo(kind, str(trt.__version__), gpu.compute_capability, gpu.name)
+    raise RuntimeError("TensorRT cannot be imported (" + "; ".join(errors) + ")")
+
+
+def engine_status(
+    bundle_dir: str, device: int = 0, runtime: str = "auto", trust_host_code: bool = False
+) -> tuple[int, str]:
+    """(exit code, one line) as described in the module docstring."""
+    try:
+        bundle = Bundle.open(bundle_dir, verify_hashes=False)  # `serve` verifies every hash
+    except BundleError as e:
+        return 2, str(e).replace("\n", " ")
+    raw = bundle.manifest.engines
+    if not raw:
+        return 1, f"no engine: {bundle.root} has no TensorRT engine recorded"
+    try:
+        rt = runtime_info(device, runtime)
+    except RuntimeError as e:
+        return 1, f"no engine can run here: {e}"
+    reasons = []
+    for d in reversed(raw):  # newest first, as the backend picks
+        try:
+            entry = EngineEntry.from_json(d)
+        except (TypeError, ValueError) as e:
+            reasons.append(f"malformed entry ({e})")
+            continue
+        problems = check_compatibility(entry, rt).problems + check_host_code(entry, trust_host_code).problems
+        onnx = bundle.manifest.files.get(entry.onnx_file)
+        if onnx is not None and onnx.sha256 != entry.onnx_sha256:
+            problems.append(f"built from another {entry.onnx_file}")
+        if not (bundle.root / entry.file).is_file():
+            problems.append("the plan file is missing")
+        if not problems:
+            return 0, f"engine ok: {entry.file} runs on {rt.gpu_name} with {rt.module} {rt.tensorrt_version}"
+        reasons.append(f"{entry.file}: {'; '.join(problems)}")
+    return 1, f"no engine can run on {rt.gpu_name} (sm {rt.compute_capability}): " + " | ".join(reasons)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bundle")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0).")
+    p.add_argument("--runtime", choices=sorted(RUNTIME_MODULES), default="auto")
+    p.add_argument(TRUST_HOST_CODE_FLAG, dest="trust", action="store_true", help="as `serve`'s flag")
+    args = p.parse_args(argv)
+    code, line = engine_status(args.bundle, args.device, args.runtime, args.trust)
+    print(line)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
