@@ -9,6 +9,11 @@
 
 Errors are ``grpc.RpcError`` with the server's status code and message (``e.code()``,
 ``e.details()``): INVALID_ARGUMENT / OUT_OF_RANGE for bad requests, UNAVAILABLE while loading.
+
+A server with TLS / mutual TLS / tokens (``serve --tls-cert ... --auth-token-file ...``):
+
+    Gpt2DeployClient("gpt2.example:50051", tls_ca="ca.crt", tls_cert="client.crt",
+                     tls_key="client.key", token=read_token("token"))   # serving.security
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -23,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.proto import gpt2_deploy_pb2 as pb
 from serving.proto import gpt2_deploy_pb2_grpc as pb_grpc
+from serving.security import BearerTokenInterceptor, channel_credentials
 
 FINISH_REASON_NAMES = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -55,7 +62,7 @@ class GenerationStream:
     ``text`` the concatenated text and ``token_ids`` the streamed ids.
     """
 
-    def __init__(self, call):
+    def __init__(self, call: Any):
         self._call = call
         self.finish: pb.Finish | None = None
         self.text = ""
@@ -96,15 +103,49 @@ class Gpt2DeployClient:
         target: ``host:port``.
         timeout: Default deadline of each call in seconds; None for none.
         max_message_mb: Largest message accepted (full logits from Score can be large).
+        tls: Use TLS. None (default): when any of ``tls_ca``/``tls_cert``/``tls_key`` is given;
+            True alone trusts the system's root certificates.
+        tls_ca: PEM CA bundle that signed the server's certificate.
+        tls_cert, tls_key: PEM client certificate and key, for a server with mutual TLS.
+        tls_server_name: Check the server's certificate for this name instead of the target's
+            host (e.g. connecting to an IP address with a certificate for a DNS name).
+        token: Bearer token sent as ``authorization`` metadata on every call, health included.
+
+    Raises:
+        OptionsError: a TLS file cannot be used (the message names it), or a bad token.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None, max_message_mb: int = 256):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        max_message_mb: int = 256,
+        tls: bool | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+    ):
         self.target = target
         self.timeout = timeout
         n = max_message_mb << 20
-        self.channel = grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
-        )
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", n),
+            ("grpc.max_send_message_length", n),
+        ]
+        if tls is None:
+            tls = any(f is not None for f in (tls_ca, tls_cert, tls_key))
+        if tls:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        if token is not None:
+            self.channel = grpc.intercept_channel(self.channel, BearerTokenInterceptor(token))
         self.stub = pb_grpc.Gpt2DeployStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -159,21 +200,31 @@ class Gpt2DeployClient:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout or self.timeout)
 
     def check_parity(
-        self, prompt: str | Sequence[int], max_new_tokens: int | None = None, timeout: float | None = None
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+        *,
+        batched: bool = False,
     ) -> pb.CheckParityResponse:
+        """Teacher-forced parity of the served backend; ``batched`` also runs the prompt among
+        companion rows and compares it with its solo run."""
         return self.stub.CheckParity(
-            pb.CheckParityRequest(**_prompt(prompt), max_new_tokens=max_new_tokens),
+            pb.CheckParityRequest(**_prompt(prompt), max_new_tokens=max_new_tokens, batched=batched),
             timeout=timeout or self.timeout,
         )
 
     # --- health --------------------------------------------------------------------------------
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
-        """ "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNREACHABLE" (no answer)."""
+        """ "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", "UNAUTHENTICATED" (the server requires a
+        token for health: ``serve --auth-health``) or "UNREACHABLE" (no answer)."""
         try:
             r = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return "UNAUTHENTICATED"
             return "UNREACHABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 

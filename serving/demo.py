@@ -107,6 +107,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                 out.write(chunk.text)
                 out.flush()
             f = stream.finish
+            if f is None:
+                raise RuntimeError("the Generate stream ended without its Finish message")
             per_tok = sum(f.per_token_s) / max(len(f.per_token_s), 1) * 1e3
             print(
                 f"\n[demo] finish: {stream.finish_reason}, {f.completion_tokens} tokens, first token "

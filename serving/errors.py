@@ -42,6 +42,12 @@ class Unavailable(ServingError):
     code = "UNAVAILABLE"
 
 
+class ResourceExhausted(ServingError):
+    """A limit of the server is reached: the request queue is full, or memory ran out in a step."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class BackendUnavailable(ServingError):
     """A backend cannot run here: missing package, provider or device; or an incompatible engine."""
 
@@ -52,3 +58,21 @@ class Cancelled(ServingError):
     """The client cancelled (or went away) while the work ran; the work stopped early."""
 
     code = "CANCELLED"
+
+
+QUOTE_CHARS = 64  # client-supplied text quoted in an error message is cut to this
+QUOTE_ITEMS = 5  # and lists of it to this many items
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a client's input
+    unbounded (status details beyond the client's metadata limit arrive as RESOURCE_EXHAUSTED)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def quote_list(values: list, limit: int = QUOTE_ITEMS) -> str:
+    """The first ``limit`` items, quoted, and how many more."""
+    head = ", ".join(quote(v) for v in values[:limit])
+    more = f", ... ({len(values) - limit} more)" if len(values) > limit else ""
+    return f"[{head}{more}]"

@@ -1,14 +1,15 @@
-"""The generation loop, written once above the backends.
+"""Generation requests and their results, written once above the scheduler and the backends.
 
-    gen = Generator(backend, tokenizer)
+    gen = Generator(backend, tokenizer)            # owns a Scheduler unless given one
     for event in gen.stream(GenerationRequest(prompt_ids=tokenizer.encode("Hello"), max_new_tokens=8)):
         ...  # TokenEvent per generated token, then one FinalEvent
+    gen.close()
 
-Each request owns its KV cache (the backend's opaque ``KVCache``): the prompt is prefilled in one
-forward, then one token per step is fed back with the cache the previous step returned. Batches
-are left-padded: the attention mask hides the padding and the position ids count real tokens
-only (``cumsum(mask) - 1``), which is what transformers' ``generate`` does, so greedy decoding
-matches it token for token.
+Every request runs as a row of the backend's ``serving.scheduler.Scheduler``, batched with the
+others (left-padded: the attention mask hides the padding and position ids count real tokens
+only, ``cumsum(mask) - 1``, which is what transformers' ``generate`` does, so greedy decoding
+matches it token for token). The scheduler chooses tokens; ``Completion`` turns them into text on
+the consumer's side: detokenising, stop strings and the final event never run inside a step.
 
 Stop handling: a stop token (or EOS) ends the generation and is not part of the output; a stop
 string ends it and the text is cut just before it. While stop strings are active, text that could
@@ -17,21 +18,22 @@ be the beginning of one is held back from the stream until it is known not to be
 
 from __future__ import annotations
 
-import time
+import queue
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.contract import left_padded_positions
 from serving.backends.base import Backend
 from serving.errors import InvalidInput, OutOfRange
-from serving.sampling import SamplingParams, select_next
+from serving.sampling import SamplingParams
+from serving.scheduler import CANCELLED, ERROR, STOP, Done, Scheduler, SchedulerOptions, Ticket, Token, Work
 from serving.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+_POLL_S = 0.05  # how often a blocking consumer checks its ``cancelled()`` callback
 
 
 @dataclass
@@ -81,6 +83,7 @@ class FinalEvent:
         time_to_first_token_s: From the request's arrival at the runtime (``started_at``; queueing
             for the backend included) to the first token chosen, prefill included.
         per_token_s: Time between consecutive tokens (one entry per token after the first).
+        batch_sizes: Rows in each forward the request ran in (the prefill first).
     """
 
     finish_reason: str
@@ -90,6 +93,7 @@ class FinalEvent:
     text: str
     time_to_first_token_s: float
     per_token_s: list[float]
+    batch_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -162,16 +166,111 @@ def _find_stop(text: str, start: int, stops: list[str]) -> int:
     return min(hits) if hits else -1
 
 
+class Completion:
+    """One request's consumer side: scheduler events in, TokenEvents and one FinalEvent out.
+
+    Args:
+        req: The request.
+        tokenizer: Decodes the stream.
+        ticket: The scheduler ticket (``finish("stop")`` is called when a stop string ends it).
+        started_at: ``time.perf_counter()`` when the request arrived (time to first token counts
+            from here, queueing included).
+    """
+
+    def __init__(self, req: GenerationRequest, tokenizer: Tokenizer, ticket: Ticket, started_at: float):
+        self.req = req
+        self.ticket = ticket
+        self.t0 = started_at
+        self.decoder = tokenizer.stream_decoder()
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.ttft = 0.0
+        self.per_token: list[float] = []
+        self.last_t = started_at
+        self.cut = False  # a stop string cut the text: later tokens are ignored
+        self.final: FinalEvent | None = None
+
+    def feed(self, event: Token | Done) -> list[TokenEvent | FinalEvent]:
+        """The events a scheduler event produces (raises the row's error for Done(error))."""
+        if self.final is not None:
+            return []
+        if isinstance(event, Done):
+            return self._done(event)
+        assert event.token_id is not None, "a generated row's tokens are chosen, not forced"
+        tok = int(event.token_id)
+        if self.tokens:
+            self.per_token.append(event.time - self.last_t)
+        else:
+            self.ttft = event.time - self.t0
+        self.last_t = event.time
+        self.tokens.append(tok)
+        self.text += self.decoder.push([tok])
+        stops = self.req.stop_strings
+        if stops and (at := _find_stop(self.text, self.emitted, stops)) >= 0:
+            self.text = self.text[:at]
+            self.cut = True
+            self.ticket.finish(STOP)  # the scheduler drops the row at its next step boundary
+            out: list[TokenEvent | FinalEvent] = [TokenEvent([tok], self.text[self.emitted :])]
+            self.emitted = len(self.text)
+            return out + self._finish(STOP)
+        safe = len(self.text) - (_holdback(self.text, self.emitted, stops) if stops else 0)
+        out = [TokenEvent([tok], self.text[self.emitted : safe])]
+        self.emitted = safe
+        return out
+
+    def cancel(self) -> list[TokenEvent | FinalEvent]:
+        """The consumer went away: end now with finish_reason "cancelled" (later tokens are dropped)."""
+        if self.final is not None:
+            return []
+        self.ticket.cancel()
+        return self._finish(CANCELLED)
+
+    def _done(self, done: Done) -> list[TokenEvent | FinalEvent]:
+        if done.reason == ERROR:
+            raise done.error if done.error is not None else RuntimeError("the generation failed")
+        return self._finish(done.reason)
+
+    def _finish(self, reason: str) -> list[TokenEvent | FinalEvent]:
+        if not self.cut:  # after a stop string, the bytes that followed it are dropped
+            self.text += self.decoder.flush()
+        out: list[TokenEvent | FinalEvent] = []
+        if self.emitted < len(self.text):
+            out.append(TokenEvent([], self.text[self.emitted :]))
+            self.emitted = len(self.text)
+        self.final = FinalEvent(
+            finish_reason=reason,
+            prompt_tokens=len(self.req.prompt_ids),
+            completion_tokens=len(self.tokens),
+            token_ids=list(self.tokens),
+            text=self.text,
+            time_to_first_token_s=self.ttft,
+            per_token_s=self.per_token,
+            batch_sizes=list(self.ticket.batch_sizes),
+        )
+        return [*out, self.final]
+
+
 class Generator:
-    """Generation, scoring and batches over one loaded backend.
+    """Validation, generation, scoring and batches over one loaded backend, through its scheduler.
 
     Args:
         backend: A loaded backend.
         tokenizer: The bundle's tokenizer (decodes the stream, knows EOS).
         max_new_tokens_limit: The largest ``max_new_tokens`` accepted.
+        scheduler: The backend's scheduler (a server shares one); None starts one on first use
+            with ``scheduler_options`` and stops it in ``close()``.
     """
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, max_new_tokens_limit: int = 4096):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        *,
+        max_new_tokens_limit: int = 4096,
+        scheduler: Scheduler | None = None,
+        scheduler_options: SchedulerOptions | None = None,
+    ):
         self.backend = backend
         self.tokenizer = tokenizer
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -180,8 +279,39 @@ class Generator:
         self.eos_token_id = (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else backend.dims.eos_token_id
         )
+        self._scheduler = scheduler
+        self._owns_scheduler = scheduler is None
+        self._scheduler_options = scheduler_options
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.backend, self._scheduler_options).start()
+        return self._scheduler
+
+    def close(self) -> None:
+        """Stop the scheduler this generator started (not one it was given)."""
+        if self._owns_scheduler and self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- validation ----------------------------------------------------------------------------
+    @property
+    def context(self) -> int:
+        """Positions a row may use: the model's, or less where the backend (an engine) says so."""
+        return min(self.n_positions, self.backend.limits.max_context)
+
+    def _context_owner(self) -> str:
+        if self.backend.limits.max_context < self.n_positions:
+            return f"the {self.backend.name} backend's context of {self.context} positions"
+        return f"the model's context of {self.n_positions} positions"
+
     def _id_problems(self, what: str, ids) -> list[str]:
         v = self.vocab_size
         try:
@@ -196,7 +326,8 @@ class Generator:
         Raises:
             InvalidInput: empty prompt, ids outside the vocabulary, max_new_tokens < 1 or above the
                 limit, bad sampling values or stop settings.
-            OutOfRange: prompt + max_new_tokens beyond the model's context (n_positions).
+            OutOfRange: prompt + max_new_tokens beyond the context (the model's n_positions, or a
+                TensorRT engine's own smaller limit), checked before anything is streamed.
         """
         problems: list[str] = []
         n_prompt = len(req.prompt_ids)
@@ -216,7 +347,12 @@ class Generator:
             req.sampling.validate(self.vocab_size)
         except InvalidInput as e:
             problems.append(str(e))
-        problems += self._id_problems("stop_token_ids", req.stop_token_ids)
+        if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            problems.append(
+                f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed, got {len(req.stop_token_ids)}"
+            )
+        else:
+            problems += self._id_problems("stop_token_ids", req.stop_token_ids)
         if len(req.stop_strings) > MAX_STOP_STRINGS:
             problems.append(
                 f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(req.stop_strings)}"
@@ -230,12 +366,41 @@ class Generator:
                 break
         if problems:
             raise InvalidInput("; ".join(problems))
-        if n_prompt + m > self.n_positions:
+        if n_prompt + m > self.context:
             raise OutOfRange(
                 f"prompt ({n_prompt} tokens) + max_new_tokens ({m}) = {n_prompt + m} exceeds "
-                f"the model's context of {self.n_positions} positions; shorten the prompt "
-                f"or ask for at most {max(self.n_positions - n_prompt, 0)} new tokens"
+                f"{self._context_owner()}; shorten the prompt "
+                f"or ask for at most {max(self.context - n_prompt, 0)} new tokens"
             )
+
+    def check_score(self, ids: list[int], top_k: int) -> None:
+        """Validate a ``score`` request (raises what ``score`` documents)."""
+        problems = [] if ids else ["the sequence to score is empty"]
+        problems += self._id_problems("token ids", ids)
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, (int, np.integer))
+            or not 0 <= top_k <= self.vocab_size
+        ):
+            problems.append(
+                f"top_k must be an integer in [0, {self.vocab_size}] (0 = full logits), got {top_k!r}"
+            )
+        if problems:
+            raise InvalidInput("; ".join(problems))
+        if len(ids) > self.context:
+            raise OutOfRange(f"the sequence has {len(ids)} tokens, which exceeds {self._context_owner()}")
+
+    def work(self, req: GenerationRequest, *, background: bool = False, label: str = "") -> Work:
+        """The scheduler's view of a (validated) request."""
+        return Work(
+            prompt_ids=[int(i) for i in req.prompt_ids],
+            max_new_tokens=int(req.max_new_tokens),
+            sampling=req.sampling,
+            stop_token_ids=frozenset(int(i) for i in req.stop_token_ids),
+            eos_token_id=self.eos_token_id if req.stop_at_eos else None,
+            background=background,
+            label=label,
+        )
 
     # --- streaming generation ------------------------------------------------------------------
     def stream(
@@ -246,93 +411,32 @@ class Generator:
     ) -> Iterator[TokenEvent | FinalEvent]:
         """Validate ``req``, then yield a TokenEvent per generated token and one FinalEvent.
 
-        ``cancelled()`` is checked before every forward; when it returns True the generation ends
-        with finish_reason "cancelled" and its KV cache is dropped. Closing the iterator early
-        drops the cache too.
-
-        Args:
-            req: The request.
-            cancelled: Polled before every forward.
-            started_at: ``time.perf_counter()`` when the request arrived (a server takes it before
-                queueing for the backend, so time to first token includes the wait); None = now.
+        Blocking (for threads and scripts; a server awaits the same events instead).
+        ``cancelled()`` is polled while waiting; when it returns True the row is dropped at the
+        next step boundary and the generation ends with finish_reason "cancelled". Closing the
+        iterator early drops the row too.
         """
         self.validate(req)
-        t0 = time.perf_counter() if started_at is None else started_at
-        sp = req.sampling
-        rng = None if sp.greedy else sp.rng()
-        decoder = self.tokenizer.stream_decoder()
-        stops = list(req.stop_strings)
-        stop_ids = set(req.stop_token_ids)
-        eos = self.eos_token_id if req.stop_at_eos else None
-        tokens: list[int] = []
-        text, emitted = "", 0
-        ttft, per_token, last_t = 0.0, [], t0
-        finish, cut = "length", False
-        cache = None
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        if cancelled():  # gone before it started: nothing reaches the scheduler
+            ticket = Ticket(self.work(req), events.put)
+            yield from Completion(req, self.tokenizer, ticket, started_at or ticket.submitted_at).cancel()
+            return
+        ticket = self.scheduler.submit(self.work(req), events.put)
+        completion = Completion(req, self.tokenizer, ticket, started_at or ticket.submitted_at)
         try:
-            if cancelled():
-                finish = "cancelled"
-            else:
-                p = len(req.prompt_ids)
-                out = self.backend.forward(
-                    np.asarray([req.prompt_ids], dtype=np.int64),
-                    np.ones((1, p), dtype=np.int64),
-                    np.arange(p, dtype=np.int64)[None, :],
-                    None,
-                    last_only=True,
-                )
-                cache = out.present
-                while True:
-                    tok = select_next(out.logits[0, -1], sp, rng)
-                    now = time.perf_counter()
-                    if tokens:
-                        per_token.append(now - last_t)
-                    else:
-                        ttft = now - t0
-                    last_t = now
-                    if tok == eos or tok in stop_ids:
-                        finish = "eos" if tok == eos else "stop"
-                        break
-                    tokens.append(tok)
-                    text += decoder.push([tok])
-                    if stops and (at := _find_stop(text, emitted, stops)) >= 0:
-                        text = text[:at]
-                        yield TokenEvent([tok], text[emitted:])
-                        emitted, finish, cut = len(text), "stop", True
-                        break
-                    safe = len(text) - (_holdback(text, emitted, stops) if stops else 0)
-                    yield TokenEvent([tok], text[emitted:safe])
-                    emitted = safe
-                    if len(tokens) >= req.max_new_tokens:
-                        break
-                    if cancelled():
-                        finish = "cancelled"
-                        break
-                    n = cache.length
-                    out = self.backend.forward(
-                        np.asarray([[tok]], dtype=np.int64),
-                        np.ones((1, n + 1), dtype=np.int64),
-                        np.asarray([[n]], dtype=np.int64),
-                        cache,
-                        last_only=True,
-                    )
-                    cache = out.present
-            cache = out = None  # the request's KV is freed before the final message goes out
-            if not cut:  # after a stop string, the bytes that followed it are dropped
-                text += decoder.flush()
-            if emitted < len(text):
-                yield TokenEvent([], text[emitted:])
-            yield FinalEvent(
-                finish_reason=finish,
-                prompt_tokens=len(req.prompt_ids),
-                completion_tokens=len(tokens),
-                token_ids=tokens,
-                text=text,
-                time_to_first_token_s=ttft,
-                per_token_s=per_token,
-            )
+            while completion.final is None:
+                try:
+                    event = events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    event = None
+                if event is not None:
+                    yield from completion.feed(event)
+                if completion.final is None and cancelled():
+                    yield from completion.cancel()
         finally:
-            cache = None
+            if completion.final is None or completion.final.finish_reason == CANCELLED:
+                ticket.cancel()
 
     def generate(self, req: GenerationRequest, cancelled: Callable[[], bool] = lambda: False) -> FinalEvent:
         """Run ``stream`` to the end and return its FinalEvent."""
@@ -352,103 +456,81 @@ class Generator:
         *,
         stop_at_eos: bool = True,
     ) -> BatchResult:
-        """Generate for several prompts at once, left-padded into one batch.
+        """Generate for several prompts submitted together (so prefilled and stepped as one batch).
 
         Each row stops at EOS (when ``stop_at_eos``; EOS is not included) or after
-        ``max_new_tokens``; finished rows keep being fed until all rows are done. With a seed,
-        every row draws from its own stream seeded with it (a row samples like a single request).
+        ``max_new_tokens``, and leaves the batch then. With a seed, every row draws from its own
+        stream seeded with it (a row samples like a single request).
         """
         sampling = sampling or SamplingParams()
         if not prompts:
             raise InvalidInput("the batch is empty; give at least one prompt")
-        for i, p in enumerate(prompts):
+        reqs = [
+            GenerationRequest(list(p), max_new_tokens, sampling, stop_at_eos=stop_at_eos) for p in prompts
+        ]
+        for i, r in enumerate(reqs):
             try:
-                self.validate(GenerationRequest(list(p), max_new_tokens, sampling))
+                self.validate(r)
             except (InvalidInput, OutOfRange) as e:
                 raise type(e)(f"prompt {i}: {e}") from None
-        b = len(prompts)
-        width = max(len(p) for p in prompts)
-        pad = self.eos_token_id if self.eos_token_id is not None else 0
-        ids = np.full((b, width), pad, dtype=np.int64)
-        mask = np.zeros((b, width), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
-        pos = left_padded_positions(mask)
-        rngs = [None if sampling.greedy else sampling.rng() for _ in range(b)]
-        eos = self.eos_token_id if stop_at_eos else None
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        done = [False] * b
-
-        t0 = time.perf_counter()
-        out = self.backend.forward(ids, mask, pos, None, last_only=True)
-        prefill_s, step_s = time.perf_counter() - t0, []
-        cache = out.present
-        next_pos = pos[:, -1] + 1  # (B,)
-        for step in range(max_new_tokens):
-            feed = np.full((b, 1), pad, dtype=np.int64)
-            for i in range(b):
-                if done[i]:
-                    continue
-                tok = select_next(out.logits[i, -1], sampling, rngs[i])
-                if tok == eos:
-                    done[i] = True
-                    continue
-                tokens[i].append(tok)
-                feed[i, 0] = tok
-                done[i] = len(tokens[i]) >= max_new_tokens
-            if all(done) or step == max_new_tokens - 1:
-                break
-            t1 = time.perf_counter()
-            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-            out = self.backend.forward(feed, mask, next_pos[:, None], cache, last_only=True)
-            step_s.append(time.perf_counter() - t1)
-            cache = out.present
-            next_pos = next_pos + 1
-        return BatchResult(tokens=tokens, prefill_s=prefill_s, step_s=step_s)
+        sinks: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in reqs]
+        tickets = self.scheduler.submit_group(
+            [(self.work(r), q.put) for r, q in zip(reqs, sinks, strict=True)]
+        )
+        tokens: list[list[int]] = [[] for _ in reqs]
+        times: list[list[float]] = [[] for _ in reqs]
+        for i, q in enumerate(sinks):
+            while True:
+                event = q.get()
+                if isinstance(event, Done):
+                    if event.reason == ERROR:
+                        raise event.error or RuntimeError("the batch failed")
+                    break
+                tokens[i].append(int(event.token_id))
+                times[i].append(event.time)
+        longest = max(times, key=len)
+        t0 = min(t.submitted_at for t in tickets)
+        prefill = (min(t[0] for t in times if t) - t0) if any(times) else 0.0
+        return BatchResult(tokens=tokens, prefill_s=prefill, step_s=list(np.diff(longest).tolist()))
 
     def generate_batch(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None
     ) -> list[list[int]]:
-        """The generated ids of each prompt, run as one left-padded batch (see ``run_batch``)."""
+        """The generated ids of each prompt, run as one batch (see ``run_batch``)."""
         return self.run_batch(prompts, max_new_tokens, sampling).tokens
 
-    # --- scoring -------------------------------------------------------------------------------
-    def score(
-        self, ids: list[int], top_k: int = 0, *, turn: Callable[[], AbstractContextManager] = nullcontext
-    ) -> ScoreResult:
-        """Logits (``top_k == 0``) or the top-k log-probabilities at every position of ``ids``.
+    # --- scoring and single forwards -----------------------------------------------------------
+    def logits(self, rows: list[list[int]], *, background: bool = False) -> list[np.ndarray]:
+        """Logits (S_i, V) at every position of each token sequence, as scheduler rows."""
+        sinks: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in rows]
+        works = [
+            Work(prompt_ids=[int(i) for i in r], forced_ids=[], return_logits=True, background=background)
+            for r in rows
+        ]
+        self.scheduler.submit_group(list(zip(works, [q.put for q in sinks], strict=True)))
+        return [_prefill_logits(q.get) for q in sinks]
 
-        Only the forward runs inside ``turn()`` (a server's backend lock); scoring runs outside.
+    def score(self, ids: list[int], top_k: int = 0) -> ScoreResult:
+        """Logits (``top_k == 0``) or the top-k log-probabilities at every position of ``ids``.
 
         Raises:
             InvalidInput: empty sequence, ids outside the vocabulary, top_k out of [0, vocab_size].
-            OutOfRange: more ids than the model's context.
+            OutOfRange: more ids than the context.
         """
         self.check_score(ids, top_k)
-        s = len(ids)
-        with turn():
-            out = self.backend.forward(
-                np.asarray([ids], dtype=np.int64),
-                np.ones((1, s), dtype=np.int64),
-                np.arange(s, dtype=np.int64)[None, :],
-            )
-        return score_logits(out.logits[0], ids, top_k)
+        return score_logits(self.logits([ids])[0], ids, top_k)
 
-    def check_score(self, ids: list[int], top_k: int) -> None:
-        """Validate a ``score`` request (raises what ``score`` documents)."""
-        problems = [] if ids else ["the sequence to score is empty"]
-        problems += self._id_problems("token ids", ids)
-        if (
-            isinstance(top_k, bool)
-            or not isinstance(top_k, (int, np.integer))
-            or not 0 <= top_k <= self.vocab_size
-        ):
-            problems.append(
-                f"top_k must be an integer in [0, {self.vocab_size}] (0 = full logits), got {top_k!r}"
-            )
-        if problems:
-            raise InvalidInput("; ".join(problems))
-        s = len(ids)
-        if s > self.n_positions:
-            raise OutOfRange(f"the sequence has {s} tokens; the model's context is {self.n_positions}")
+
+def _prefill_logits(get: Callable[[], Token | Done]) -> np.ndarray:
+    """The (P, V) logits a ``forced_ids=[]`` row delivers, waiting for its Done."""
+    logits = None
+    while True:
+        event = get()
+        if isinstance(event, Token):
+            logits = event.logits
+        elif event.reason == ERROR:
+            raise event.error or RuntimeError("the forward failed")
+        elif event.reason == CANCELLED or logits is None:
+            raise RuntimeError(f"the forward ended without logits ({event.reason})")
+        else:
+            return logits

@@ -15,13 +15,15 @@ and maps:
 with the error's own message. Anything else is a bug: the client gets INTERNAL with a generic
 message and an incident id, the traceback goes to the server log only. Streams that report
 errors in-band (KServe ``ModelStreamInfer``) use ``status_for`` to build the same message.
+The interceptor is a ``grpc.aio`` one: handlers are coroutines and async generators.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -52,16 +54,7 @@ def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, s
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(incident=incident)
 
 
-def _already_aborted(context: grpc.ServicerContext) -> bool:
-    # context.abort() raises a bare Exception after setting the code; let that one through.
-    try:
-        code = context.code()
-    except Exception:  # noqa: BLE001 - older grpcio without ServicerContext.code()
-        return False
-    return code not in (None, grpc.StatusCode.OK)
-
-
-class ErrorInterceptor(grpc.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Map exceptions escaping any handler to status codes; count requests and errors.
 
     Args:
@@ -77,8 +70,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         self._on_request = on_request or (lambda method: None)
         self._on_error = on_error or (lambda method, code: None)
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
@@ -92,36 +85,35 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method))
         return handler
 
-    def _abort(self, context: grpc.ServicerContext, exc: Exception, method: str) -> None:
-        if _already_aborted(context):
-            raise exc
-        if not context.is_active():
-            # The client cancelled or went away (or shutdown cut the call at the end of the grace
-            # period): there is nobody to answer. Reading a request stream then raises RpcError,
-            # which is not a server error; anything else is logged in one line.
-            if not isinstance(exc, grpc.RpcError):
-                log.warning("%s ended after its client went away: %s: %s", method, type(exc).__name__, exc)
-            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
         code, message = status_for(exc, method)
         self._on_error(method, code.name)
-        context.abort(code, message)
+        await context.abort(code, message)
 
     def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
-        def wrapper(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+        async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             self._on_request(method)
             try:
-                return behavior(request_or_iterator, context)
+                return await behavior(request_or_iterator, context)
+            except grpc.aio.AbortError:
+                raise
             except Exception as exc:  # noqa: BLE001 - this is the mapping point
-                self._abort(context, exc, method)
+                await self._abort(context, exc, method)
 
         return wrapper
 
     def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
-        def wrapper(request_or_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if not inspect.isasyncgenfunction(behavior):  # a coroutine that writes with context.write
+            return self._wrap_unary(behavior, method)
+
+        async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             self._on_request(method)
             try:
-                yield from behavior(request_or_iterator, context)
+                async for response in behavior(request_or_iterator, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
             except Exception as exc:  # noqa: BLE001 - this is the mapping point
-                self._abort(context, exc, method)
+                await self._abort(context, exc, method)
 
         return wrapper

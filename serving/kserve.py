@@ -25,8 +25,9 @@ raise ``serving.errors`` that ``serving.grpc_errors`` maps to status codes.
 
 from __future__ import annotations
 
+import math
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS
-from serving.errors import InvalidInput, NotFound
+from serving.errors import InvalidInput, NotFound, quote, quote_list
 from serving.generation import FinalEvent, GenerationRequest, remaining_text
 from serving.grpc_errors import status_for
 from serving.metrics import ServerMetrics
@@ -44,6 +45,17 @@ from serving.runtime import ModelRuntime
 from serving.sampling import SamplingParams
 
 GENERATE_SUFFIX = "-generate"
+MAX_TENSORS = 16  # inputs (and requested outputs) per request: the models take at most 7
+MAX_DIMS = 8
+# Parameters of the protocol this server reads or that Triton defines, and the types they must have.
+PARAMETER_TYPES = {
+    "priority": ("int64_param", "uint64_param"),
+    "timeout": ("int64_param", "uint64_param"),
+    "binary_data_output": ("bool_param",),
+    "binary_data_size": ("int64_param", "uint64_param"),
+    "sequence_start": ("bool_param",),
+    "sequence_end": ("bool_param",),
+}
 MODEL_VERSION = "1"
 FINAL_RESPONSE = "triton_final_response"
 DEFAULT_MAX_TOKENS = 16
@@ -67,7 +79,7 @@ DATATYPES: dict[str, tuple[Any, str | None]] = {
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorMetadata:
     """One input or output of a served model: what ModelMetadata says and validation accepts."""
 
     name: str
@@ -105,16 +117,25 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
+def element_count(shape: tuple[int, ...] | list[int]) -> int:
+    """Elements of a shape, in Python integers (numpy's product overflows for [2**32, 2**32])."""
+    return math.prod(int(d) for d in shape)
+
+
 def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
-    """The input as a numpy array of its shape (BYTES -> object array of bytes)."""
+    """The input as a numpy array of its shape (BYTES -> object array of bytes).
+
+    The shape and datatype were validated (``KServeServicer._inputs``): the count is bounded.
+    """
     dt, field = DATATYPES[tensor.datatype]
-    shape = tuple(tensor.shape)
-    count = int(np.prod(shape)) if shape else 1
+    shape = tuple(int(d) for d in tensor.shape)
+    count = element_count(shape)
+    name = quote(tensor.name)
     if tensor.datatype == "BYTES":
         items = deserialize_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
         if len(items) != count:
             raise InvalidInput(
-                f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), got {len(items)}"
+                f"input {name}: shape {list(shape)} needs {count} element(s), got {len(items)}"
             )
         arr = np.empty(count, dtype=np.object_)
         arr[:] = items
@@ -123,19 +144,17 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
         itemsize = np.dtype(dt).itemsize
         if len(raw) != count * itemsize:
             raise InvalidInput(
-                f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
-                f"{count * itemsize} bytes, got {len(raw)}"
+                f"input {name}: shape {list(shape)} of {tensor.datatype} needs {count * itemsize} bytes, "
+                f"got {len(raw)}"
             )
         return np.frombuffer(raw, dtype=np.dtype(dt).newbyteorder("<")).astype(dt).reshape(shape)
     if field is None:
-        raise InvalidInput(
-            f"input {tensor.name!r}: {tensor.datatype} data must be sent in raw_input_contents"
-        )
+        raise InvalidInput(f"input {name}: {tensor.datatype} data must be sent in raw_input_contents")
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidInput(
-            f"input {tensor.name!r}: shape {list(shape)} needs {count} element(s), "
-            f"got {len(values)} in contents.{field}"
+            f"input {name}: shape {list(shape)} needs {count} element(s), got {len(values)} in "
+            f"contents.{field}"
         )
     return np.asarray(values, dtype=dt).reshape(shape)
 
@@ -167,25 +186,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.forward_model = runtime.name
         self.generate_model = runtime.name + GENERATE_SUFFIX
         vocab = runtime.bundle.dims.vocab_size
-        self.specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {
+        self.specs: dict[str, tuple[list[TensorMetadata], list[TensorMetadata]]] = {
             self.forward_model: (
                 [
-                    TensorSpec(INPUT_IDS, "INT64", (-1, -1)),
-                    TensorSpec(ATTENTION_MASK, "INT64", (-1, -1), required=False),
+                    TensorMetadata(INPUT_IDS, "INT64", (-1, -1)),
+                    TensorMetadata(ATTENTION_MASK, "INT64", (-1, -1), required=False),
                 ],
-                [TensorSpec(LOGITS, "FP32", (-1, -1, vocab))],
+                [TensorMetadata(LOGITS, "FP32", (-1, -1, vocab))],
             ),
             self.generate_model: (
                 [
-                    TensorSpec("text_input", "BYTES", (1,)),
-                    TensorSpec("max_tokens", "INT32", (1,), ("INT64",)),
-                    TensorSpec("temperature", "FP32", (1,), ("FP64",), required=False),
-                    TensorSpec("top_k", "INT32", (1,), ("INT64",), required=False),
-                    TensorSpec("top_p", "FP32", (1,), ("FP64",), required=False),
-                    TensorSpec("random_seed", "UINT64", (1,), ("INT64",), required=False),
-                    TensorSpec("stream", "BOOL", (1,), required=False),
+                    TensorMetadata("text_input", "BYTES", (1,)),
+                    TensorMetadata("max_tokens", "INT32", (1,), ("INT64",)),
+                    TensorMetadata("temperature", "FP32", (1,), ("FP64",), required=False),
+                    TensorMetadata("top_k", "INT32", (1,), ("INT64",), required=False),
+                    TensorMetadata("top_p", "FP32", (1,), ("FP64",), required=False),
+                    TensorMetadata("random_seed", "UINT64", (1,), ("INT64",), required=False),
+                    TensorMetadata("stream", "BOOL", (1,), required=False),
                 ],
-                [TensorSpec("text_output", "BYTES", (1,))],
+                [TensorMetadata("text_output", "BYTES", (1,))],
             ),
         }
 
@@ -194,24 +213,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return list(self.specs)
 
     # --- health and metadata -------------------------------------------------------------------
-    def ServerLive(self, request, context):
+    async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):
+    async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.runtime.ready)
 
-    def ModelReady(self, request, context):
+    async def ModelReady(self, request, context):
         self._model(request.name, request.version)
         return pb.ModelReadyResponse(ready=self.runtime.ready)
 
-    def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request, context):
         try:
             version = metadata.version("gpt2-deploy")
         except metadata.PackageNotFoundError:
             version = "unknown"
         return pb.ServerMetadataResponse(name="gpt2-deploy", version=version, extensions=[])
 
-    def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request, context):
         name = self._model(request.name, request.version)
         inputs, outputs = self.specs[name]
         meta = pb.ModelMetadataResponse.TensorMetadata
@@ -224,28 +243,27 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     # --- inference -----------------------------------------------------------------------------
-    def ModelInfer(self, request, context):
+    async def ModelInfer(self, request, context):
         name = self._model(request.model_name, request.model_version)
         inputs = self._inputs(name, request)
         if name == self.forward_model:
-            return self._forward(request, inputs)
+            return await self._forward(request, inputs)
         if _scalar(inputs, "stream", False):
             raise InvalidInput(
                 f"stream=true needs ModelStreamInfer (decoupled responses); "
                 f"ModelInfer on {name!r} returns the whole text with stream=false"
             )
         final = None
-        for event in self.runtime.generate(
-            self._generation_request(inputs), cancelled=lambda: not context.is_active()
-        ):
+        async for event in self.runtime.generate(self._generation_request(inputs)):
             if isinstance(event, FinalEvent):
                 final = event
         return self._text_response(request, final.text, final)
 
-    def ModelStreamInfer(self, request_iterator, context) -> Iterator[pb.ModelStreamInferResponse]:
-        for request in request_iterator:
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in request_iterator:
             try:
-                yield from self._stream_one(request, context)
+                async for response in self._stream_one(request):
+                    yield response
             except Exception as exc:  # noqa: BLE001 - reported in-stream, the stream stays open
                 code, message = status_for(exc, "/inference.GRPCInferenceService/ModelStreamInfer")
                 if self.metrics is not None:
@@ -256,23 +274,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                         model_name=request.model_name, model_version=request.model_version, id=request.id
                     ),
                 )
-            if not context.is_active():
-                return
 
-    def _stream_one(self, request, context) -> Iterator[pb.ModelStreamInferResponse]:
+    async def _stream_one(self, request) -> AsyncIterator[pb.ModelStreamInferResponse]:
         name = self._model(request.model_name, request.model_version)
         inputs = self._inputs(name, request)
         if name == self.forward_model:
-            response = self._forward(request, inputs)
+            response = await self._forward(request, inputs)
             response.parameters[FINAL_RESPONSE].bool_param = True
             yield pb.ModelStreamInferResponse(infer_response=response)
             return
         stream = bool(_scalar(inputs, "stream", False))
-        events = self.runtime.generate(
-            self._generation_request(inputs), cancelled=lambda: not context.is_active()
-        )
         streamed = ""
-        for event in events:
+        async for event in self.runtime.generate(self._generation_request(inputs)):
             if isinstance(event, FinalEvent):
                 text = remaining_text(event.text, streamed) if stream else event.text
                 yield pb.ModelStreamInferResponse(infer_response=self._text_response(request, text, event))
@@ -284,64 +297,99 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- helpers -------------------------------------------------------------------------------
     def _model(self, name: str, version: str) -> str:
         if name not in self.specs:
-            raise NotFound(f"unknown model {name!r}; available models: {', '.join(self.specs)}")
+            raise NotFound(f"unknown model {quote(name)}; available models: {', '.join(self.specs)}")
         if version not in ("", MODEL_VERSION):
-            raise NotFound(f"model {name!r} has no version {version!r}; available versions: {MODEL_VERSION}")
+            raise NotFound(
+                f"model {name!r} has no version {quote(version)}; available versions: {MODEL_VERSION}"
+            )
         return name
 
     def _inputs(self, model: str, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-        """Validate names, then datatypes and shapes, of a request's inputs; decode them."""
+        """Validate names, then datatypes and shapes, then contents of a request's inputs; decode.
+
+        Enforces the protocol rules the decoding relies on: one of raw or typed contents per
+        input, shape x datatype size == bytes, BYTES framing, known parameter types; and bounds
+        the work before it starts (tensor count, dimensions, element count against the message).
+        """
         specs, out_specs = self.specs[model]
         by_name = {s.name: s for s in specs}
         expected = ", ".join(s.describe() for s in specs)
         problems: list[str] = []
+        if len(request.inputs) > MAX_TENSORS or len(request.outputs) > MAX_TENSORS:
+            raise InvalidInput(
+                f"model {model!r}: {len(request.inputs)} inputs and {len(request.outputs)} requested "
+                f"outputs; at most {MAX_TENSORS} of each are accepted. Expected inputs: {expected}"
+            )
         names = [t.name for t in request.inputs]
-        for n in names:
-            if n not in by_name:
-                problems.append(f"unknown input {n!r}")
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            problems.append(f"unknown input(s) {quote_list(unknown)}")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            problems.append(f"input(s) given more than once: {dupes}")
+            problems.append(f"input(s) given more than once: {quote_list(dupes)}")
         missing = [s.name for s in specs if s.required and s.name not in names]
         if missing:
             problems.append(f"missing required input(s) {missing}")
         out_names = {s.name for s in out_specs}
-        for o in request.outputs:
-            if o.name not in out_names:
-                problems.append(f"unknown requested output {o.name!r} (outputs: {sorted(out_names)})")
+        bad_outputs = [o.name for o in request.outputs if o.name not in out_names]
+        if bad_outputs:
+            problems.append(
+                f"unknown requested output(s) {quote_list(bad_outputs)} (outputs: {sorted(out_names)})"
+            )
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             problems.append(
                 f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
                 "inputs; send raw contents for every input or for none"
             )
+        problems += _parameter_problems("request", request.parameters)
         if problems:
             raise InvalidInput(f"model {model!r}: " + "; ".join(problems) + f". Expected inputs: {expected}")
 
+        max_bytes = max(request.ByteSize(), 1)  # no tensor holds more than the message carried
         for t in request.inputs:
             spec = by_name[t.name]
             allowed = (spec.datatype, *spec.accepts)
+            name = quote(t.name)
             if t.datatype not in allowed:
                 problems.append(
-                    f"input {t.name!r} has datatype {t.datatype!r}; expected {' or '.join(allowed)}"
+                    f"input {name} has datatype {quote(t.datatype)}; expected {' or '.join(allowed)}"
                 )
-            if any(d < 0 for d in t.shape):
-                problems.append(f"input {t.name!r} has shape {list(t.shape)}; dimensions must be >= 0")
+            if len(t.shape) > MAX_DIMS:
+                problems.append(f"input {name} has {len(t.shape)} dimensions; at most {MAX_DIMS}")
+            elif any(d < 0 for d in t.shape):
+                problems.append(f"input {name} has shape {list(t.shape)}; dimensions must be >= 0")
             elif -1 in spec.shape and len(t.shape) != len(spec.shape):
                 problems.append(
-                    f"input {t.name!r} has shape {list(t.shape)}; expected "
+                    f"input {name} has shape {list(t.shape)}; expected "
                     f"{len(spec.shape)} dimensions {list(spec.shape)} (-1 = any size)"
                 )
-            elif -1 not in spec.shape and int(np.prod(t.shape)) != int(np.prod(spec.shape)):
+            elif -1 not in spec.shape and element_count(t.shape) != element_count(spec.shape):
                 problems.append(
-                    f"input {t.name!r} has shape {list(t.shape)}; expected "
-                    f"{list(spec.shape)} (one request at a time)"
+                    f"input {name} has shape {list(t.shape)}; expected {list(spec.shape)} "
+                    "(one request at a time)"
                 )
+            elif element_count(t.shape) > max_bytes:  # >= 1 byte per element (BYTES: 4 for the length)
+                problems.append(
+                    f"input {name} has shape {list(t.shape)} = {element_count(t.shape)} elements, more than "
+                    f"the {max_bytes} bytes the request carries could hold"
+                )
+            typed = t.contents.ByteSize() > 0
+            if raw and typed:
+                problems.append(
+                    f"input {name} has both raw_input_contents and typed contents; the protocol "
+                    "allows one or the other"
+                )
+            elif not raw and not typed and element_count(t.shape) > 0 and t.datatype in allowed:
+                problems.append(f"input {name} has no data (neither raw_input_contents nor contents)")
+            problems += _parameter_problems(f"input {name}", t.parameters)
         if problems:
             raise InvalidInput(f"model {model!r}: " + "; ".join(problems))
         return {t.name: decode_input(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)}
 
-    def _forward(self, request: pb.ModelInferRequest, inputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    async def _forward(
+        self, request: pb.ModelInferRequest, inputs: dict[str, np.ndarray]
+    ) -> pb.ModelInferResponse:
         ids = inputs[INPUT_IDS]
         mask = inputs.get(ATTENTION_MASK)
         problems = []
@@ -359,8 +407,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 problems.append("every attention_mask row needs at least one 1")
         if problems:
             raise InvalidInput(f"model {self.forward_model!r}: " + "; ".join(problems))
-        # Token ids and the context length are checked by the backend (InvalidInput/OutOfRange).
-        logits = self.runtime.forward(ids, mask)
+        # Token ids and the context length are checked by the runtime (InvalidInput/OutOfRange).
+        logits = await self.runtime.forward(ids, mask)
         meta, raw = output_tensor(LOGITS, logits, "FP32")
         return pb.ModelInferResponse(
             model_name=request.model_name,
@@ -372,6 +420,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _generation_request(self, inputs: dict[str, np.ndarray]) -> GenerationRequest:
         raw_text = inputs["text_input"].ravel()[0]
+        self.runtime.check_prompt_size(len(raw_text))
         try:
             text = raw_text.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -410,6 +459,21 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.parameters["prompt_tokens"].int64_param = final.prompt_tokens
             response.parameters["completion_tokens"].int64_param = final.completion_tokens
         return response
+
+
+def _parameter_problems(where: str, parameters: Any) -> list[str]:
+    """Known parameters with the wrong type (unknown ones are extensions: ignored)."""
+    problems = []
+    if len(parameters) > MAX_TENSORS * 4:
+        return [f"{where} has {len(parameters)} parameters; at most {MAX_TENSORS * 4}"]
+    for key, value in parameters.items():
+        allowed = PARAMETER_TYPES.get(key)
+        kind = value.WhichOneof("parameter_choice")
+        if allowed is not None and kind not in allowed:
+            problems.append(
+                f"{where} parameter {key!r} is {kind or 'unset'}; expected {' or '.join(allowed)}"
+            )
+    return problems
 
 
 def _scalar(inputs: dict[str, np.ndarray], name: str, default: Any) -> Any:

@@ -11,13 +11,24 @@
     gpt2_deploy_shadow_dropped_total                    shadow checks dropped (queue full)
     gpt2_deploy_inflight_generations                    gauge
     gpt2_deploy_ready                                   1 when health is SERVING
+    gpt2_deploy_queue_depth                             requests waiting for the scheduler (gauge)
+    gpt2_deploy_queue_wait_seconds                      histogram, submit -> admitted into a batch
+    gpt2_deploy_batch_size{kind}                        histogram of rows per forward (prefill|decode)
+    gpt2_deploy_step_seconds{kind}                      histogram of forward durations
+    gpt2_deploy_rows_joined_total / _rows_removed_total rows that entered / left the running batch
+    gpt2_deploy_tokens_per_second                       decoded tokens/s over the last ~5 s (gauge)
+    gpt2_deploy_backend_failures_total                  forwards that raised (fault isolation)
 
 ``start_http(port)`` exposes them at ``http://host:port/metrics``.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -27,6 +38,9 @@ _NS = "gpt2_deploy"
 # Seconds; CPU tiny models decode in ~1 ms, 124M on CPU ~25-50 ms, prefill up to seconds.
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+_RATE_WINDOW_S = 5.0
 
 
 class _ShadowDropped:
@@ -78,8 +92,29 @@ class ServerMetrics:
         )
         self.inflight = Gauge(f"{_NS}_inflight_generations", "Generations in progress", registry=r)
         self.ready = Gauge(f"{_NS}_ready", "1 when health is SERVING", registry=r)
+        self.queue_depth = Gauge(f"{_NS}_queue_depth", "Requests waiting for the scheduler", registry=r)
+        self.queue_wait_s = Histogram(
+            f"{_NS}_queue_wait_seconds",
+            "From submit to admission into a batch",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{_NS}_batch_size", "Rows per forward", ["kind"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.step_s = Histogram(
+            f"{_NS}_step_seconds", "Duration of one forward", ["kind"], buckets=_TTFT_BUCKETS, registry=r
+        )
+        self.backend_failures = Counter(f"{_NS}_backend_failures", "Forwards that raised", registry=r)
+        self.joined = Counter(f"{_NS}_rows_joined", "Rows that joined the running batch", registry=r)
+        self.removed = Counter(f"{_NS}_rows_removed", "Rows that left the running batch", registry=r)
+        self.tokens_per_s = Gauge(
+            f"{_NS}_tokens_per_second", "Decoded tokens per second (last ~5 s)", registry=r
+        )
+        self._rate_lock = threading.Lock()
+        self._decoded: deque[tuple[float, int]] = deque()  # (time, rows) of recent decode steps
         self._shadow_dropped: _ShadowDropped | None = None
-        self._http = None
+        self._http: Any = None
 
     # --- recording -----------------------------------------------------------------------------
     def request(self, method: str) -> None:
@@ -103,6 +138,28 @@ class ServerMetrics:
             self.ttft.observe(ttft_s)
         for t in per_token_s:
             self.tpot.observe(t)
+
+    def step(self, kind: str, rows: int, seconds: float) -> None:
+        """One forward of the scheduler: ``kind`` is prefill or decode."""
+        self.batch_size.labels(kind=kind).observe(rows)
+        self.step_s.labels(kind=kind).observe(seconds)
+        if kind == "decode":
+            now = time.monotonic()
+            with self._rate_lock:
+                self._decoded.append((now, rows))
+                while self._decoded and now - self._decoded[0][0] > _RATE_WINDOW_S:
+                    self._decoded.popleft()
+                span = max(now - self._decoded[0][0], seconds, 1e-6)
+                self.tokens_per_s.set(sum(n for _, n in self._decoded) / span)
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_s.observe(seconds)
+
+    def rows_joined(self, n: int) -> None:
+        self.joined.inc(n)
+
+    def rows_removed(self, n: int) -> None:
+        self.removed.inc(n)
 
     def parity_result(self, kind: str, passed: bool, max_abs: float | None = None) -> None:
         self.parity.labels(kind=kind, result="pass" if passed else "fail").inc()

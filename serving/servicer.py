@@ -1,19 +1,28 @@
-"""``gpt2_deploy.v1.Gpt2Deploy``: our own API, translated to ``ModelRuntime`` calls.
+"""``gpt2_deploy.v1.Gpt2Deploy``: our own API, translated to ``ModelRuntime`` calls (grpc.aio).
 
 Thin on purpose: messages in, runtime call, messages out. Errors are raised as
-``serving.errors`` types and become status codes in ``serving.grpc_errors``.
+``serving.errors`` types and become status codes in ``serving.grpc_errors``. Handlers are
+coroutines: a stream awaits its row's events, so no thread waits on a client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
 
 from serving.errors import InvalidInput
-from serving.generation import FinalEvent, GenerationRequest, remaining_text
+from serving.generation import (
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    FinalEvent,
+    GenerationRequest,
+    remaining_text,
+)
 from serving.proto import gpt2_deploy_pb2 as pb
 from serving.proto import gpt2_deploy_pb2_grpc as pb_grpc
 from serving.runtime import ModelRuntime
@@ -35,6 +44,7 @@ def prompt_ids(runtime: ModelRuntime, msg, field: str) -> list[int]:
     if which == "text":
         return runtime.encode(msg.text)
     if which == "token_ids":
+        runtime.check_token_count(len(msg.token_ids.ids))
         return list(msg.token_ids.ids)
     raise InvalidInput(f"no {field}: set either `text` or `token_ids`")
 
@@ -50,6 +60,11 @@ def sampling_params(s: pb.SamplingParams) -> SamplingParams:
 
 
 def generation_request(runtime: ModelRuntime, request: pb.GenerateRequest) -> GenerationRequest:
+    if len(request.stop_strings) > MAX_STOP_STRINGS or len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidInput(
+            f"at most {MAX_STOP_STRINGS} stop strings and {MAX_STOP_TOKEN_IDS} stop token ids are allowed, "
+            f"got {len(request.stop_strings)} and {len(request.stop_token_ids)}"
+        )
     return GenerationRequest(
         prompt_ids=prompt_ids(runtime, request, "prompt"),
         max_new_tokens=(
@@ -82,7 +97,7 @@ def tensor(a: np.ndarray) -> pb.Tensor:
 def parity_response(report, served: str) -> pb.CheckParityResponse:
     tol = report.tolerance
     first = report.first_diverging_step
-    return pb.CheckParityResponse(
+    response = pb.CheckParityResponse(
         passed=bool(report),
         tolerance=tol.name,
         atol=tol.atol,
@@ -105,7 +120,17 @@ def parity_response(report, served: str) -> pb.CheckParityResponse:
         report_json=json.dumps(report.to_json()),
         served_backend=served,
         reference_backend="torch",
+        batch_sizes=list(report.batch_sizes),
+        notes=list(report.notes),
     )
+    vs_solo = getattr(report, "vs_solo", None)
+    if vs_solo is not None:
+        solo_first = vs_solo.first_diverging_step
+        response.batched = True
+        response.batched_vs_solo_passed = bool(vs_solo)
+        response.batched_vs_solo_max_abs = vs_solo.max_abs
+        response.batched_vs_solo_first_diverging_step = -1 if solo_first is None else solo_first
+    return response
 
 
 class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
@@ -113,12 +138,12 @@ class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
         self.runtime = runtime
         self.kserve_models = list(kserve_models or [])
 
-    def Generate(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         req = generation_request(self.runtime, request)
         streamed = ""
-        for event in self.runtime.generate(req, cancelled=lambda: not context.is_active()):
+        async for event in self.runtime.generate(req):
             if isinstance(event, FinalEvent):
                 yield pb.GenerateResponse(
                     text=remaining_text(event.text, streamed), finish=finish_message(event)
@@ -127,18 +152,20 @@ class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
                 streamed += event.text
                 yield pb.GenerateResponse(token_ids=event.token_ids, text=event.text)
 
-    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         ids = prompt_ids(self.runtime, request, "input")
-        result = self.runtime.score(ids, request.top_k)
+        result = await self.runtime.score(ids, request.top_k)
         response = pb.ScoreResponse(token_ids=ids, token_logprobs=result.token_logprobs.tolist())
         if result.logits is not None:
             response.logits.CopyFrom(tensor(result.logits.astype(np.float32)))
-        if result.top_ids is not None:
+        if result.top_ids is not None and result.top_logprobs is not None:
             response.top_ids.CopyFrom(tensor(result.top_ids.astype(np.int64)))
             response.top_logprobs.CopyFrom(tensor(result.top_logprobs.astype(np.float32)))
         return response
 
-    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
+    async def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfoResponse:
         rt = self.runtime
         info = rt.info()
         d = rt.bundle.dims
@@ -161,12 +188,19 @@ class Gpt2DeployServicer(pb_grpc.Gpt2DeployServicer):
             canary_report_json=json.dumps(report.to_json()) if report is not None else "",
             ready=rt.ready,
             kserve_models=self.kserve_models,
+            not_serving_reason=rt.not_serving_reason or ("" if rt.ready else info["state"]),
         )
 
-    def CheckParity(
-        self, request: pb.CheckParityRequest, context: grpc.ServicerContext
+    async def CheckParity(
+        self, request: pb.CheckParityRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckParityResponse:
         ids = prompt_ids(self.runtime, request, "prompt")
         n = request.max_new_tokens if request.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-        report = self.runtime.check_parity(ids, n, cancelled=lambda: not context.is_active())
+        gone = threading.Event()  # the client went away: the check in the worker thread stops
+        try:
+            report = await asyncio.to_thread(
+                self.runtime.check_parity, ids, n, gone.is_set, batched=request.batched
+            )
+        finally:
+            gone.set()
         return parity_response(report, self.runtime.backend.name)

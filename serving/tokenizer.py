@@ -1,9 +1,9 @@
 """The GPT-2 tokenizer for serving, on the ``tokenizers`` library alone (never transformers).
 
-The ONNX Runtime serving path must not import torch, and transformers' tokenizers do. Encoding is
-the Rust BPE from ``tokenizers``; decoding goes through a table id -> bytes (GPT-2 is byte-level
-BPE), so a streamed generation can hold back a character whose UTF-8 bytes are split over tokens
-instead of emitting U+FFFD and a second garbled fragment.
+The ONNX Runtime serving path must not import torch, and transformers' tokenizers do. Encoding and
+decoding are the Rust byte-level BPE of ``tokenizers``; streamed text goes through its
+``DecodeStream``, which holds back a character whose UTF-8 bytes are split over tokens instead
+of emitting U+FFFD and a second garbled fragment.
 
     tok = Tokenizer.from_dir(bundle.tokenizer_dir)
     tok.encode("Hello world")            # [15496, 995]
@@ -13,11 +13,12 @@ instead of emitting U+FFFD and a second garbled fragment.
 
 from __future__ import annotations
 
-import codecs
+import functools
 import json
 import operator
 import os
 from pathlib import Path
+from typing import Any
 
 from serving.errors import InvalidInput
 
@@ -27,22 +28,7 @@ VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: the printable character standing for each byte."""
-    # Printable latin-1 bytes stand for themselves; the other 68 are shifted above 255 so that
-    # every byte has a visible, non-whitespace character in the vocabulary.
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def _is_id(i: object, n: int) -> bool:
+def _is_id(i: Any, n: int) -> bool:
     try:
         return 0 <= operator.index(i) < n
     except TypeError:
@@ -50,22 +36,48 @@ def _is_id(i: object, n: int) -> bool:
 
 
 class StreamDecoder:
-    """Turns token ids pushed one step at a time into text deltas.
+    """Turns token ids pushed one step at a time into text deltas (``tokenizers``' ``DecodeStream``).
 
     A delta never ends inside a UTF-8 sequence: incomplete bytes are held back until the tokens
     completing them arrive (or until ``flush``, which renders leftovers as U+FFFD). The
-    concatenation of all deltas equals ``Tokenizer.decode`` of all ids.
+    concatenation of all deltas equals ``Tokenizer.decode`` of all ids; special tokens decode to
+    their text.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stream = self._fresh()
+        self._pending: list[int] = []  # ids pushed since the last text was emitted
+
+    @staticmethod
+    def _fresh() -> Any:
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(skip_special_tokens=False)
 
     def push(self, ids: list[int]) -> str:
-        return self._utf8.decode(self._tok.decode_bytes(ids), final=False)
+        """The text that ``ids`` complete (possibly ""), after the text already returned.
+
+        Raises:
+            InvalidInput: for an id outside the vocabulary (nothing of ``ids`` is consumed).
+        """
+        self._tok.check_ids(ids)
+        out = []
+        for i in ids:
+            self._pending.append(int(i))
+            text = self._stream.step(self._tok.backend, int(i))
+            if text is not None:
+                out.append(text)
+                self._pending.clear()
+        return "".join(out)
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        """The held-back rest (incomplete UTF-8 becomes U+FFFD); the decoder starts afresh."""
+        # emitted text always ends on a character boundary, so the pending ids decode on their own
+        text = self._tok.decode(self._pending) if self._pending else ""
+        self._pending.clear()
+        self._stream = self._fresh()
+        return text
 
 
 class Tokenizer:
@@ -75,20 +87,10 @@ class Tokenizer:
         backend: A ``tokenizers.Tokenizer`` for the GPT-2 vocabulary.
     """
 
-    def __init__(self, backend):
-        self._tk = backend
-        vocab = backend.get_vocab(with_added_tokens=True)  # token string -> id
-        self.vocab_size = max(vocab.values()) + 1
-        special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
-        bd = _byte_decoder()
-        table: list[bytes] = [b""] * self.vocab_size
-        for token, i in vocab.items():
-            if token in special or any(ch not in bd for ch in token):
-                table[i] = token.encode("utf-8")  # added/special tokens decode to their content
-            else:
-                table[i] = bytes(bd[ch] for ch in token)
-        self._bytes = table
-        self.eos_token_id: int | None = vocab.get(EOS_TOKEN)
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.eos_token_id: int | None = backend.token_to_id(EOS_TOKEN)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -102,7 +104,10 @@ class Tokenizer:
 
         root = Path(path)
         if (root / TOKENIZER_JSON).is_file():
-            return cls(TkTokenizer.from_file(str(root / TOKENIZER_JSON)))
+            tk = TkTokenizer.from_file(str(root / TOKENIZER_JSON))
+            if tk.decoder is None:  # GPT-2 is byte-level BPE whatever the file leaves out
+                tk.decoder = decoders.ByteLevel()
+            return cls(tk)
         vocab, merges = root / VOCAB_FILE, root / MERGES_FILE
         if vocab.is_file() and merges.is_file():
             tk = TkTokenizer(models.BPE.from_file(str(vocab), str(merges)))
@@ -119,27 +124,38 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # No post-processing template: GPT-2 adds no BOS/EOS, whatever tokenizer.json says.
-        return self._tk.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
-    def decode_bytes(self, ids: list[int]) -> bytes:
-        """The raw bytes of ``ids`` (may end inside a UTF-8 sequence).
+    def check_ids(self, ids: list[int]) -> None:
+        """Raise InvalidInput unless every id is an integer in [0, vocab_size)."""
+        bad = [i for i in ids if not _is_id(i, self.vocab_size)]
+        if bad:
+            raise InvalidInput(f"token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; special tokens decode to their text; bad UTF-8 becomes U+FFFD.
 
         Raises:
             InvalidInput: for an id outside the vocabulary.
         """
-        table = self._bytes
-        try:
-            return b"".join(table[i] if i >= 0 else table[len(table)] for i in ids)
-        except (IndexError, TypeError):
-            bad = [i for i in ids if not _is_id(i, len(table))]
-            raise InvalidInput(f"token ids must be integers in [0, {len(table)}); got {bad[:5]}") from None
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of ``ids``; special tokens decode to their text; bad UTF-8 becomes U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        self.check_ids(ids)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes of text one token covers at most (byte-level BPE: one vocabulary character per
+        byte; special tokens their UTF-8 length): a text of B bytes needs >= B / this tokens."""
+        return max(
+            len(t.encode("utf-8")) if t in self._special else len(t)
+            for t in self.backend.get_vocab(with_added_tokens=True)
+        )
+
+    @functools.cached_property
+    def _special(self) -> set[str]:
+        return {t.content for t in self.backend.get_added_tokens_decoder().values()}
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 
+from export.errors import OptionsError
 from export.manifest import Bundle
-from serving.backends.base import Backend, BackendOptions, KVCache, StepOutput
+from serving.backends.base import Backend, BackendLimits, BackendOptions, KVCache, StepOutput
 
 # name -> "module:Class"; resolved lazily so `--help` and the ORT path never import torch/tensorrt.
 REGISTRY: dict[str, str] = {
@@ -27,15 +28,16 @@ def backend_options(
     threads: int | None = None,
     engine: str | None = None,
     trt_runtime: str = "auto",
-    kv_slots: int | None = None,
+    trust_engine_host_code: bool = False,
 ) -> BackendOptions:
     """BackendOptions from the CLI-level settings every command shares.
 
-    ``kv_slots`` (tensorrt only): how many KV caches, so generations, may be live at once.
+    ``trust_engine_host_code`` (tensorrt only): load engines that carry executable host code (the
+    lean runtime in a version-compatible plan); off by default (``--trust-engine-host-code``).
     """
     extra: dict = {"runtime": trt_runtime} if backend == "tensorrt" else {}
-    if backend == "tensorrt" and kv_slots is not None:
-        extra["kv_slots"] = kv_slots
+    if backend == "tensorrt" and trust_engine_host_code:
+        extra["trust_engine_host_code"] = True
     return BackendOptions(
         device=device or default_device(backend), threads=threads, engine=engine, extra=extra
     )
@@ -45,7 +47,9 @@ def backend_class(name: str) -> type[Backend]:
     try:
         target = REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; available backends are: {', '.join(REGISTRY)}") from None
+        raise OptionsError(
+            f"unknown backend {name!r}; available backends are: {', '.join(REGISTRY)}"
+        ) from None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -58,6 +62,7 @@ def create_backend(name: str, bundle: Bundle, options: BackendOptions | None = N
 __all__ = [
     "REGISTRY",
     "Backend",
+    "BackendLimits",
     "BackendOptions",
     "KVCache",
     "StepOutput",

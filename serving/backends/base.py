@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -63,6 +64,8 @@ class KVCache:
 
     Backends subclass this and keep the tensors where they live (host arrays, torch tensors,
     OrtValues, device buffers), so present of step t becomes past of step t+1 without a copy.
+    Rows are left-padded: row r's real tokens are its last positions; which positions are padding
+    is known to the caller's attention mask, not to the cache.
     """
 
     def __init__(self, batch: int, length: int):
@@ -72,10 +75,51 @@ class KVCache:
 
 @dataclass
 class StepOutput:
-    """The result of one forward: host float32 logits (B, S, V) (or (B, 1, V) with last_only)."""
+    """The result of one forward: host float32 logits (B, S, V) (or (B, 1, V) with last_only).
 
-    logits: np.ndarray
+    A forward asked for ``top_k`` by a backend that reduces on its device leaves ``logits`` None
+    and gives the last position's ``top_values`` (B, K) float32, largest first, and their
+    ``top_ids`` (B, K) int64; the full last-position row is still there on demand
+    (``last_logits()``, one device-to-host copy). Any other backend returns full logits.
+    """
+
+    logits: np.ndarray | None
     present: KVCache
+    top_ids: np.ndarray | None = None
+    top_values: np.ndarray | None = None
+    fetch_logits: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    _last: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def last_logits(self) -> np.ndarray:
+        """The last position's logits (B, V) on the host (fetched once when they were left behind)."""
+        if self.logits is not None:
+            return self.logits[:, -1]
+        if self._last is None:
+            assert self.fetch_logits is not None, "a reduced step keeps a way to its full logits"
+            self._last = self.fetch_logits()
+        return self._last
+
+
+@dataclass(frozen=True)
+class BackendLimits:
+    """What one forward of a loaded backend accepts; requests are checked against it up front.
+
+    Args:
+        max_batch: Rows in one forward (so in one running batch); None = no limit of its own.
+        max_context: Past + new tokens of a row (the model's n_positions, or an engine's profile).
+        max_prompt: Tokens one prefill forward takes at once; None = max_context. Longer prompts
+            still run (the backend decomposes them), so this is informative, not a refusal.
+        max_caches: KV caches that can be live at once (preallocated device memory); None = as
+            many as memory holds. A scheduler needs two (the running batch and a prefill).
+    """
+
+    max_batch: int | None
+    max_context: int
+    max_prompt: int | None = None
+    max_caches: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Backend(ABC):
@@ -103,7 +147,7 @@ class Backend(ABC):
             except BaseException:
                 try:
                     self._close_impl()
-                except Exception:  # noqa: BLE001 - the load error is the one to report
+                except Exception:
                     log.warning("cleanup after a failed %s load failed too", self.name, exc_info=True)
                 raise
             self._loaded = True
@@ -119,13 +163,9 @@ class Backend(ABC):
         return self._loaded
 
     @property
-    def max_concurrent_caches(self) -> int | None:
-        """How many KV caches may be live at once (one per running generation); None = no limit.
-
-        Servers admit at most this many generations (and parity checks) at a time, so a request
-        waits for a free cache before it takes the backend, never while holding it.
-        """
-        return None
+    def limits(self) -> BackendLimits:
+        """What one forward accepts (valid once loaded: an engine's profiles decide for TensorRT)."""
+        return BackendLimits(max_batch=None, max_context=self.dims.n_positions)
 
     def __enter__(self) -> Backend:
         return self.load()
@@ -149,6 +189,7 @@ class Backend(ABC):
         past: KVCache | None = None,
         *,
         last_only: bool = False,
+        top_k: int | None = None,
     ) -> StepOutput:
         """Run one step. ``past=None`` means an empty cache. Validates, then calls ``_forward``.
 
@@ -158,21 +199,86 @@ class Backend(ABC):
             position_ids: int (B, S) positions in [0, n_positions).
             past: The cache returned by the previous step, or None.
             last_only: Return only the last position's logits, (B, 1, V).
+            top_k: With ``last_only``: the caller needs only the last position's ``top_k`` largest
+                logits. A backend that ``reduces_top_k`` returns them (``StepOutput.top_ids`` /
+                ``top_values``, ``logits`` None); any other returns its full logits as usual.
         """
         self._require_loaded()
         input_ids = np.asarray(input_ids)
         attention_mask = np.asarray(attention_mask)
         position_ids = np.asarray(position_ids)
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1 or not last_only
+        ):
+            raise InvalidInput(f"top_k must be an integer >= 1 and needs last_only=True, got {top_k!r}")
         if past is None:
             past = self.empty_cache(input_ids.shape[0] if input_ids.ndim == 2 else 1)
         self._validate(input_ids, attention_mask, position_ids, past)
-        return self._forward(
+        args = (
             input_ids.astype(np.int64, copy=False),
             attention_mask.astype(np.int64, copy=False),
             position_ids.astype(np.int64, copy=False),
             past,
-            last_only,
         )
+        if top_k is not None and self.reduces_top_k:
+            return self._forward_top_k(*args, min(int(top_k), self.dims.vocab_size))
+        return self._forward(*args, last_only)
+
+    @property
+    def reduces_top_k(self) -> bool:
+        """Whether ``forward(..., top_k=K)`` reduces the logits on the backend's device."""
+        return False
+
+    # --- KV-cache operations (what a batching scheduler needs) -----------------------------------
+    def join(self, caches: Sequence[KVCache]) -> KVCache:
+        """The rows of ``caches`` stacked in order, each left-padded with zeros to the longest.
+
+        Padding goes on the left because rows are right-aligned (their newest token last), so a
+        row keeps its positions and the caller's attention mask hides the new padding columns.
+        Consumes its inputs: use only the returned cache afterwards.
+        """
+        self._require_loaded()
+        caches = list(caches)
+        if not caches:
+            raise InvalidInput("join needs at least one KV cache")
+        rows = sum(c.batch for c in caches)
+        limit = self.limits.max_batch
+        if limit is not None and rows > limit:
+            raise OutOfRange(f"joining {rows} rows exceeds the {self.name} backend's max batch of {limit}")
+        if len(caches) == 1:
+            return caches[0]
+        return self._join_impl(caches, max(c.length for c in caches))
+
+    def select(self, cache: KVCache, rows: Sequence[int], length: int | None = None) -> KVCache:
+        """Rows ``rows`` of ``cache`` (in that order), keeping only its last ``length`` positions.
+
+        Dropping rows and trimming the left columns that became padding for every kept row are one
+        copy. ``length`` defaults to ``cache.length`` (no trim). Consumes its input.
+        """
+        self._require_loaded()
+        rows = [int(r) for r in rows]
+        length = cache.length if length is None else int(length)
+        problems = []
+        if not rows:
+            problems.append("select needs at least one row")
+        if any(not 0 <= r < cache.batch for r in rows) or len(set(rows)) != len(rows):
+            problems.append(f"rows must be distinct indices in [0, {cache.batch}), got {rows[:8]}")
+        if not 0 <= length <= cache.length:
+            problems.append(f"length must be in [0, {cache.length}] (the cache's length), got {length}")
+        if problems:
+            raise InvalidInput("; ".join(problems))
+        if rows == list(range(cache.batch)) and length == cache.length:
+            return cache
+        return self._select_impl(cache, rows, length)
+
+    def trim(self, cache: KVCache, length: int) -> KVCache:
+        """``cache`` keeping only its last ``length`` positions (all rows). Consumes its input."""
+        return self.select(cache, range(cache.batch), length)
+
+    def release(self, cache: KVCache | None) -> None:
+        """Free what ``cache`` holds now instead of when it is garbage-collected (a TensorRT slot)."""
+        if cache is not None and self._loaded:
+            self._release_impl(cache)
 
     def info(self) -> dict[str, Any]:
         """What this backend runs on (device, providers, precision...), for ModelInfo and logs."""
@@ -214,10 +320,13 @@ class Backend(ABC):
         if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= v):
             bad = input_ids[(input_ids < 0) | (input_ids >= v)]
             raise InvalidInput(f"token ids must be in [0, {v}); got {bad[:5].tolist()}")
-        if past.length + s > self.dims.n_positions:
+        lim = self.limits
+        if lim.max_batch is not None and b > lim.max_batch:
+            raise OutOfRange(f"batch {b} exceeds the {self.name} backend's max batch of {lim.max_batch}")
+        if past.length + s > lim.max_context:
             raise OutOfRange(
                 f"past ({past.length}) + new tokens ({s}) = {past.length + s} exceeds "
-                f"the model's context of {self.dims.n_positions} positions"
+                f"the {self.name} backend's context of {lim.max_context} positions"
             )
         n = self.dims.n_positions
         if position_ids.size and (position_ids.min() < 0 or position_ids.max() >= n):
@@ -244,6 +353,26 @@ class Backend(ABC):
         past: KVCache,
         last_only: bool,
     ) -> StepOutput: ...
+
+    def _forward_top_k(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: KVCache,
+        k: int,
+    ) -> StepOutput:
+        """A last-only step returning the top ``k`` (only called where ``reduces_top_k``)."""
+        raise NotImplementedError(f"the {self.name} backend does not reduce logits on its device")
+
+    @abstractmethod
+    def _join_impl(self, caches: list[KVCache], length: int) -> KVCache: ...
+
+    @abstractmethod
+    def _select_impl(self, cache: KVCache, rows: list[int], length: int) -> KVCache: ...
+
+    def _release_impl(self, cache: KVCache) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Caches that live in host/framework memory are freed by dropping them."""
 
     def _info_impl(self) -> dict[str, Any]:
         return {}

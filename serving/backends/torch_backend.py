@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from export.deps import require
-from export.manifest import REFERENCE_DIR
+from export.manifest import REFERENCE_DIR, Bundle
 from export.sources import ATTN_IMPLEMENTATION
-from serving.backends.base import Backend, KVCache, StepOutput, parse_device
+from serving.backends.base import Backend, BackendOptions, KVCache, StepOutput, parse_device
 from serving.errors import BackendUnavailable
 
 
@@ -35,7 +35,7 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, bundle, options=None):
+    def __init__(self, bundle: Bundle, options: BackendOptions | None = None) -> None:
         super().__init__(bundle, options)
         self._torch: Any = None
         self._model: Any = None
@@ -119,6 +119,41 @@ class TorchBackend(Backend):
             host = logits.float().cpu().numpy()  # (B, S, V) or (B, 1, V)
         b, s = input_ids.shape
         return StepOutput(logits=host, present=TorchKVCache(b, past.length + s, layers))
+
+    # --- KV-cache operations (torch tensors where the model runs) -------------------------------
+    def _layers(self, cache: KVCache) -> TorchKVCache:
+        if not isinstance(cache, TorchKVCache):
+            raise TypeError(f"TorchBackend needs a TorchKVCache, got {type(cache).__name__}")
+        return cache
+
+    def _join_impl(self, caches: list[KVCache], length: int) -> KVCache:
+        torch = self._torch
+        parts = [self._layers(c) for c in caches]
+        if all(not c.layers for c in parts):  # every cache is empty (length 0)
+            return TorchKVCache(sum(c.batch for c in parts), 0, [])
+
+        def padded(t: Any, n: int) -> Any:  # (b, nh, n, hs) -> (b, nh, length, hs), zeros on the left
+            return torch.nn.functional.pad(t, (0, 0, length - n, 0)) if n < length else t
+
+        layers = []
+        for i in range(self.dims.n_layer):
+            keys = [padded(c.layers[i][0], c.length) for c in parts]
+            values = [padded(c.layers[i][1], c.length) for c in parts]
+            layers.append((torch.cat(keys, 0), torch.cat(values, 0)))
+        return TorchKVCache(sum(c.batch for c in parts), length, layers)
+
+    def _select_impl(self, cache: KVCache, rows: list[int], length: int) -> KVCache:
+        c = self._layers(cache)
+        if not c.layers:
+            return TorchKVCache(len(rows), 0, [])
+        index = self._torch.as_tensor(rows, device=self._device)
+        start = c.length - length
+
+        def keep(t: Any) -> Any:  # (B, nh, T, hs) -> (k, nh, length, hs)
+            return t.index_select(0, index)[:, :, start:].contiguous()
+
+        layers = [(keep(k), keep(v)) for k, v in c.layers]
+        return TorchKVCache(len(rows), length, layers)
 
     def _info_impl(self) -> dict[str, Any]:
         torch = self._torch

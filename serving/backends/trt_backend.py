@@ -1,43 +1,28 @@
 """TensorRT backend: a bundle's engine (``gpt2-deploy build``) on the full or the lean TensorRT runtime.
 
-Layout on the device, allocated once in ``load()`` for the engine's maximum shapes and reused:
+    backend = create_backend("tensorrt", bundle, BackendOptions(device="cuda")).load()
 
-    inputs      input_ids, position_ids (B_max, S_max); attention_mask (B_max, T_max)   engine dtype
-    logits      (B_max, S_max, V)                                                      engine dtype
-    KV slots    per slot, two buffers per past/present tensor (B_max, nh, T_max, hs)   "ping-pong"
+Device memory, allocated once in ``load()`` at the engine's maximum shapes:
+
+    inputs      input_ids, position_ids (B_max, S_max); attention_mask (B_max, T_max)
+    logits      (B_max, 1, V): engines are built from the last-position graph
+    KV slots    KV_CACHES x two sides (ping-pong) of every past tensor (B_max, nh, T_max, hs)
     scratch     one activation buffer shared by both execution contexts
 
-One execution context per optimization profile (0: context/prefill, past = 0; 1: generation,
-seq = 1). A step sets the input shapes on the profile's context, binds addresses and runs
-``execute_async_v3`` on the backend's stream. TensorRT writes ``present.*`` contiguously for the
-step's shape (B, nh, P + S, hs), which is exactly the layout ``past_key_values.*`` of the next step
-expects, so the next step binds the same buffers as its past and writes its present into the other
-half of the pair: present of step t becomes past of step t + 1 with no copy and no host round trip.
-Only the logits (or just the last position's, with ``last_only``) come back to the host.
-
-Steps the two profiles do not cover directly are decomposed, which is exact for a causal decoder:
-a prompt longer than the context profile's max seq, or new tokens on top of a non-empty past, run
-the remaining tokens one at a time through the generation profile.
-
-CUDA binding: cuda-python (``cuda.bindings.runtime``), not torch. The point of this backend on the
-edge is the small image: the lean runtime (~45 MB) plus cuda-python (a few MB of bindings over
-the driver's CUDA runtime) against a CUDA build of torch of several GB. torch is already needed
-by the reference backend, but that one is for parity checks on a workstation, not for the image
-that ships, and the serving path must not import it (the ORT path does not either). cuda-python is
-in the ``tensorrt`` and ``tensorrt-lean`` extras.
-
-Patterns checked against Polygraphy's ``TrtRunner`` (v3 path: ``get_tensor_mode``,
-``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``, ``set_optimization_profile_async``
-on the runner's stream) and TensorRT's Python API docs (``set_device_memory``,
-``ExecutionContextAllocationStrategy.USER_MANAGED``, ``Runtime.engine_host_code_allowed``,
-``Runtime.load_runtime``).
+One execution context per optimization profile (0: prefill, past = 0; 1: generation, seq = 1).
+TensorRT writes ``present.*`` densely for the step's shape, exactly what the next step reads as
+its past, so a step writes into the other side of its slot and flips: no copy, no host round
+trip. Rows join and leave by device copies planned in ``kv_layout``. Steps the profiles do not
+cover (long prompts, tokens on a past, every position's logits) run token by token through the
+generation profile, which is exact for a causal decoder. CUDA goes through cuda-python, not torch
+(the small edge image; docs/tensorrt.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import threading
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +33,14 @@ from deploy.engine import EngineEntry, RuntimeInfo, check_compatibility
 from deploy.presets import CONTEXT_PROFILE, GENERATION_PROFILE
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from export.deps import MissingDependencyError
-from serving.backends.base import Backend, KVCache, StepOutput, parse_device
+from export.manifest import Bundle
+from serving.backends.base import Backend, BackendLimits, BackendOptions, KVCache, StepOutput, parse_device
+from serving.backends.kv_layout import Plan, join_plan, select_plan
 from serving.errors import BackendUnavailable, InvalidInput, OutOfRange, Unavailable
 
 RUNTIMES = ("auto", "tensorrt", "tensorrt_lean")
+# KV caches live at once: the running batch, a prefilled group before it joins, a solo run.
+KV_CACHES = 3
 
 
 def import_tensorrt(prefer: str = "auto") -> tuple[Any, str]:
@@ -103,20 +92,24 @@ class _DeviceBuffer:
 class _KVSlot:
     """Ping-pong device buffers for one live KV cache: ``sides[s][i]`` is tensor i of side s.
 
-    ``current`` is the side holding the cache's past; a step writes its present to the other side
-    and flips. ``version`` counts steps so a superseded cache object is recognized and refused.
+    ``current`` is the side holding the cache's past; a step (or a join/select) writes the new
+    cache to the other side and flips. ``version`` counts those moves so a superseded cache object
+    is recognized and refused. Slots are allocated at load and handed out and back explicitly
+    (``in_use``), never freed by garbage collection.
     """
 
-    def __init__(self, index: int, n_tensors: int, nbytes: int):
+    def __init__(self, index: int):
         self.index = index
-        self.sides = [[_DeviceBuffer(nbytes) for _ in range(n_tensors)] for _ in range(2)]
+        self.sides: list[list[_DeviceBuffer]] = [[], []]
         self.current = 0
-        self.version = 0
-        self.owner: weakref.ref | None = None
+        self.version = 0  # bumped whenever the data moves: older cache objects are stale
+        self.in_use = False
+        self.lease = 0  # which hand-out of the slot a cache belongs to (release frees only its own)
 
-    @property
-    def free(self) -> bool:
-        return self.owner is None or self.owner() is None
+    def allocate(self, n_tensors: int, nbytes: int) -> None:
+        for side in self.sides:  # appended one by one: after a failed cudaMalloc, free() frees the rest
+            for _ in range(n_tensors):
+                side.append(_DeviceBuffer(nbytes))
 
     def release(self) -> None:
         for side in self.sides:
@@ -131,8 +124,8 @@ class TrtKVCache(KVCache):
         super().__init__(batch, length)
         self.slot = slot
         self.version = slot.version
+        self.lease = slot.lease
         self.backend_id = backend_id
-        slot.owner = weakref.ref(self)
 
 
 class TensorRTBackend(Backend):
@@ -141,8 +134,13 @@ class TensorRTBackend(Backend):
     Options read: ``device`` ("cuda" or "cuda:N"), ``engine`` (bundle-relative or absolute path;
     default: the newest engine this runtime may load), ``extra["runtime"]`` (auto|tensorrt|
     tensorrt_lean), ``extra["lean_library"]`` (a libnvinfer_lean to load with
-    ``Runtime.load_runtime`` for --exclude-lean-runtime engines), ``extra["kv_slots"]`` (how many KV
-    caches may be live at once; default 2, each is 2x the max-shape KV size).
+    ``Runtime.load_runtime`` for --exclude-lean-runtime engines), ``extra["trust_engine_host_code"]``
+    (load a plan that embeds the lean runtime as host code; off by default, see
+    ``deploy.engine.check_host_code``).
+
+    KV memory: ``KV_CACHES`` slots, allocated at load, each two sides (ping-pong) of every past
+    tensor at the engine's max batch and context. A scheduler uses one for the running batch,
+    one for a group being prefilled before it joins, and one for a solo (isolated) parity run.
 
     Every CUDA-touching method first makes the backend's device current: the CUDA runtime's current
     device is per host thread, and the server calls in from its worker threads.
@@ -150,16 +148,25 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, bundle, options=None):
+    def __init__(self, bundle: Bundle, options: BackendOptions | None = None) -> None:
         super().__init__(bundle, options)
         self._lock = threading.Lock()
+        self._leases = itertools.count(1)
+        self._notes: list[str] = []
         self.entry: EngineEntry | None = None
         self._device_id = 0
 
     @property
-    def max_concurrent_caches(self) -> int:
-        """One KV slot per live cache: at most ``extra["kv_slots"]`` generations at once."""
-        return int(self.options.extra.get("kv_slots", 2))
+    def limits(self) -> BackendLimits:
+        """The engine's profiles decide (read at load); before that, the model's."""
+        if getattr(self, "max_batch", None) is None:
+            return super().limits
+        return BackendLimits(
+            max_batch=self.max_batch,
+            max_context=self.max_context,
+            max_prompt=self.max_prompt,
+            max_caches=KV_CACHES,
+        )
 
     # --- load -----------------------------------------------------------------------------------
     def _device_index(self) -> int:
@@ -252,7 +259,7 @@ class TensorRTBackend(Backend):
         runtime_info = RuntimeInfo(
             module_kind, str(trt.__version__), device.compute_capability, device.name, lean_library
         )
-        self._notes: list[str] = []
+        self._notes = []
         entry = self._select_entry(runtime_info)
         self.entry, self.trt, self.device, self.module_kind = entry, trt, device, module_kind
 
@@ -265,9 +272,15 @@ class TensorRTBackend(Backend):
             if runtime is None:
                 raise BackendUnavailable(f"Runtime.load_runtime could not load {lean_library}")
         if entry.version_compatible:
-            # A version-compatible plan carries the lean runtime as host code; TensorRT loads it only
-            # when told the plan is trusted. It is: its sha256 is checked against the manifest.
-            runtime.engine_host_code_allowed = True
+            # A version-compatible plan carries the lean runtime as executable host code; a hash in
+            # the same bundle is no proof of origin, so only an explicit opt-in lets TensorRT load it
+            # (--trust-engine-host-code -> BackendOptions.extra["trust_engine_host_code"]).
+            from deploy.engine import check_host_code
+
+            host_code = check_host_code(entry, bool(self.options.extra.get("trust_engine_host_code")))
+            if not host_code:
+                raise BackendUnavailable(str(host_code))
+            runtime.engine_host_code_allowed = entry.embeds_host_code
         self._runtime = runtime
         engine = runtime.deserialize_cuda_engine((self.bundle.root / entry.file).read_bytes())
         if engine is None:
@@ -328,8 +341,13 @@ class TensorRTBackend(Backend):
                 )
         if problems:
             raise BackendUnavailable(
-                f"engine {self.entry.file} does not match the bundle's I/O contract: " + "; ".join(problems)
+                f"engine {self._engine_label()} does not match the bundle's I/O contract: "
+                + "; ".join(problems)
             )
+
+    def _engine_label(self) -> str:
+        e = self.entry
+        return "no engine loaded" if e is None else f"{e.file}, preset {e.preset}"
 
     def _read_limits(self) -> None:
         """Limits from the engine's own profiles (authoritative over the manifest)."""
@@ -341,15 +359,20 @@ class TensorRTBackend(Backend):
         self.max_prompt = int(ctx_ids_max[1])
         self.max_context = int(gen_past_max[2]) + 1
         self.max_batch_alloc = max(int(ctx_ids_max[0]), int(gen_ids_max[0]))
+        # An engine built from the generation graph (deploy.trt_build) has logits (B, 1, V): the
+        # lm_head of the last position only; an older one built from model.onnx has (B, S, V).
+        self._last_logits = int(e.get_tensor_shape(LOGITS)[1]) == 1
 
     def _make_contexts(self) -> None:
         e, trt, rt = self._engine, self.trt, cudart()
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        shared = strategy is not None and hasattr(e, "device_memory_size_v2")
+        shared = hasattr(e, "device_memory_size_v2")
         self._contexts = []
         for profile in (CONTEXT_PROFILE, GENERATION_PROFILE):
             ctx = (
-                e.create_execution_context(strategy.USER_MANAGED) if shared else e.create_execution_context()
+                e.create_execution_context(strategy.USER_MANAGED)
+                if shared and strategy is not None
+                else e.create_execution_context()
             )
             if ctx is None:
                 raise BackendUnavailable(
@@ -358,7 +381,7 @@ class TensorRTBackend(Backend):
             if not ctx.set_optimization_profile_async(profile, int(self._stream)):
                 raise BackendUnavailable(f"TensorRT refused optimization profile {profile}")
             self._contexts.append(ctx)
-        if shared:
+        if shared and strategy is not None:
             # Both contexts enqueue on the one stream, so they never run at the same time and can
             # share one activation scratch buffer (the size covers every profile).
             self._scratch = _DeviceBuffer(int(e.device_memory_size_v2))
@@ -381,43 +404,135 @@ class TensorRTBackend(Backend):
             POSITION_IDS: buf(POSITION_IDS, b * s),
             ATTENTION_MASK: buf(ATTENTION_MASK, b * t),
         }
-        self._logits = buf(LOGITS, b * s * c.vocab_size)
-        self._kv_bytes = b * c.n_head * t * c.head_dim * self._dtypes[c.past_names[0]].itemsize
-        self._max_slots = self.max_concurrent_caches
-        self._slots.append(_KVSlot(0, len(c.past_names), self._kv_bytes))
+        # A generation engine (built from the last-position graph) returns (B, 1, V) per run: B_max x V
+        # here, not B_max x max_prompt x V (3 GiB for the server preset with a full-logits engine).
+        self._logits = buf(LOGITS, b * (1 if self._last_logits else s) * c.vocab_size)
+        self._kv_item = self._dtypes[c.past_names[0]].itemsize
+        self._kv_bytes = b * c.n_head * t * c.head_dim * self._kv_item
+        # Every slot at load: an out-of-memory is a clear load error here (partial allocations are
+        # freed by _close_impl), never an INTERNAL error in the middle of serving.
+        for index in range(KV_CACHES):
+            slot = _KVSlot(index)
+            self._slots.append(slot)
+            slot.allocate(len(c.past_names), self._kv_bytes)
 
     # --- the step -----------------------------------------------------------------------------------
     def _empty_cache_impl(self, batch: int) -> KVCache:
         if batch > self.max_batch:
             raise OutOfRange(
                 f"batch {batch} exceeds the engine's maximum batch {self.max_batch} "
-                f"({self.entry.file}, preset {self.entry.preset}); rebuild with a larger "
+                f"({self._engine_label()}); rebuild with a larger "
                 "--max-batch or split the batch"
             )
-        # Every live cache holds one slot. Callers admit at most ``max_concurrent_caches`` users
-        # before they take the backend (ModelRuntime does), so running out here is a caller that
-        # skipped admission: fail at once, never wait (the slot owners may need the caller's lock).
+        with self._lock:
+            return TrtKVCache(batch, 0, self._take_slot(), id(self))
+
+    def _take_slot(self) -> _KVSlot:
+        """A free slot (under ``_lock``). The scheduler keeps at most ``KV_CACHES`` caches alive
+        (``limits.max_caches``), so running out is a caller bug: fail at once, never wait."""
+        slot = next((s for s in self._slots if not s.in_use), None)
+        if slot is None:
+            raise Unavailable(
+                f"all {KV_CACHES} KV caches of the TensorRT backend are in use (the running batch, "
+                "a prefill and a solo run); retry later"
+            )
+        slot.in_use = True
+        slot.version += 1  # whatever cache held this slot before is superseded
+        slot.lease = next(self._leases)
+        return slot
+
+    def _own(self, cache: KVCache) -> TrtKVCache:
+        """``cache`` if it is this backend's and still current (under ``_lock``)."""
+        if not isinstance(cache, TrtKVCache) or cache.backend_id != id(self):
+            raise InvalidInput(
+                "the TensorRT backend takes only KV caches it created (empty_cache or a "
+                f"previous forward of this backend), got {type(cache).__name__}"
+            )
+        if cache.version != cache.slot.version or not cache.slot.in_use:
+            raise InvalidInput(
+                "this KV cache was already advanced, joined, selected or released (its device "
+                "buffers now hold a newer cache); continue from the cache the last call returned"
+            )
+        return cache
+
+    # --- KV-cache operations: device-to-device copies planned by kv_layout --------------------------
+    def _join_impl(self, caches: list[KVCache], length: int) -> KVCache:
         self._set_device()
         with self._lock:
-            slot = next((s for s in self._slots if s.free), None)
-            if slot is None and len(self._slots) < self._max_slots:
-                slot = _KVSlot(len(self._slots), len(self.contract.past_names), self._kv_bytes)
-                self._slots.append(slot)
-            if slot is None:
-                raise Unavailable(
-                    f"all {self._max_slots} KV-cache slots of the TensorRT backend are in use "
-                    "(one per live generation); retry later or raise the limit "
-                    "(gpt2-deploy serve --kv-slots N, or BackendOptions.extra['kv_slots'])"
+            own = [self._own(c) for c in caches]
+            dst = own[0].slot
+            plan = join_plan(
+                [(c.batch, c.length) for c in own], self.contract.n_head, self.contract.head_dim, length
+            )
+            sources = [c.slot.sides[c.slot.current] for c in own]
+            self._run_plan(plan, sources, dst.sides[1 - dst.current])
+            dst.current = 1 - dst.current
+            dst.version += 1
+            for c in own[1:]:  # consumed: their slots go back to the pool now, in order
+                self._free_slot(c.slot)
+            return TrtKVCache(plan.rows, length, dst, id(self))
+
+    def _select_impl(self, cache: KVCache, rows: list[int], length: int) -> KVCache:
+        self._set_device()
+        with self._lock:
+            c = self._own(cache)
+            slot = c.slot
+            plan = select_plan(
+                (c.batch, c.length), rows, length, self.contract.n_head, self.contract.head_dim
+            )
+            self._run_plan(plan, [slot.sides[slot.current]], slot.sides[1 - slot.current])
+            slot.current = 1 - slot.current
+            slot.version += 1
+            return TrtKVCache(len(rows), length, slot, id(self))
+
+    def _release_impl(self, cache: KVCache) -> None:
+        with self._lock:
+            if not isinstance(cache, TrtKVCache) or cache.backend_id != id(self):
+                return
+            if cache.slot.in_use and cache.lease == cache.slot.lease:  # stale data is still ours
+                self._free_slot(cache.slot)
+
+    def _free_slot(self, slot: _KVSlot) -> None:
+        slot.in_use = False
+        slot.version += 1
+
+    def _run_plan(self, plan: Plan, sources: list[list[_DeviceBuffer]], dst: list[_DeviceBuffer]) -> None:
+        """The same plan for every past tensor i: copies from ``sources[k][i]`` into ``dst[i]``."""
+        rt, isz = cudart(), self._kv_item
+        d2d = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for i, out in enumerate(dst):
+            for z in plan.zeros:
+                cuda_check(
+                    rt.cudaMemset2DAsync(
+                        out.ptr + z.dst_offset * isz,
+                        z.dst_pitch * isz,
+                        0,
+                        z.width * isz,
+                        z.height,
+                        self._stream,
+                    ),
+                    "zero the KV padding",
                 )
-            slot.version += 1  # whatever cache held this slot before is superseded
-            return TrtKVCache(batch, 0, slot, id(self))
+            for cp in plan.copies:
+                src = sources[cp.src][i]
+                cuda_check(
+                    rt.cudaMemcpy2DAsync(
+                        out.ptr + cp.dst_offset * isz,
+                        cp.dst_pitch * isz,
+                        src.ptr + cp.src_offset * isz,
+                        cp.src_pitch * isz,
+                        cp.width * isz,
+                        cp.height,
+                        d2d,
+                        self._stream,
+                    ),
+                    "copy KV rows",
+                )
+        cuda_check(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
     def _forward(self, input_ids, attention_mask, position_ids, past, last_only) -> StepOutput:
         if not isinstance(past, TrtKVCache) or past.backend_id != id(self):
-            raise InvalidInput(
-                "the TensorRT backend takes only KV caches it created (empty_cache or a "
-                f"previous forward of this backend), got {type(past).__name__}"
-            )
+            self._own(past)  # raises with the message
         b, s = input_ids.shape
         p = past.length
         if b > self.max_batch:
@@ -425,28 +540,24 @@ class TensorRTBackend(Backend):
         if p + s > self.max_context:
             raise OutOfRange(
                 f"past ({p}) + new tokens ({s}) = {p + s} exceeds the engine's context of "
-                f"{self.max_context} positions ({self.entry.file}, preset {self.entry.preset}); "
+                f"{self.max_context} positions ({self._engine_label()}); "
                 "rebuild with a larger --max-context"
             )
         v = self.contract.vocab_size
         out = np.empty((b, 1 if last_only else s, v), dtype=np.float32)
         # Runs: one prefill through the context profile when the past is empty, then one token at a
-        # time through the generation profile (exact for a causal decoder).
+        # time through the generation profile (exact for a causal decoder). Every position's logits
+        # from a last-position engine (Score, the KServe forward) take one run per token.
         runs: list[tuple[int, int, int]] = []  # (profile, start, count)
         start = 0
         if p == 0:
-            n0 = min(s, self.max_prompt)
+            n0 = min(s, self.max_prompt) if last_only or not self._last_logits else 1
             runs.append((CONTEXT_PROFILE, 0, n0))
             start = n0
         runs += [(GENERATION_PROFILE, i, 1) for i in range(start, s)]
         self._set_device()
         with self._lock:
-            if past.version != past.slot.version:
-                raise InvalidInput(
-                    "this KV cache was already advanced by a later step (its device buffers now "
-                    "hold a newer cache); continue from the cache the last forward returned"
-                )
-            slot = past.slot
+            slot = self._own(past).slot
             keep_alive: list[np.ndarray] = []
             length = p
             try:
@@ -461,11 +572,10 @@ class TensorRTBackend(Backend):
                         keep_alive,
                     )
                     length += n
-                    last = k == len(runs) - 1
                     if not last_only:
-                        self._copy_logits(out, b, a, n, s, last_position=False)
-                    elif last:
-                        self._copy_logits(out, b, 0, n, 1, last_position=True)
+                        self._copy_logits(out, a, b, n)
+                    elif k == len(runs) - 1:
+                        self._copy_logits(out, 0, b, n, last_position=True)
                 cuda_check(cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             except BaseException:
                 # Some runs may have flipped the ping-pong side: the slot no longer holds ``past``.
@@ -522,13 +632,15 @@ class TensorRTBackend(Backend):
                 f"range {list(lo)}..{list(hi)}"
             )
 
-    def _copy_logits(self, out: np.ndarray, b: int, a: int, n: int, s: int, *, last_position: bool) -> None:
-        """Device logits (b, n, V) of the last run -> ``out[:, a:a+n]`` (or only position n - 1)."""
+    def _copy_logits(self, out: np.ndarray, at: int, b: int, n: int, *, last_position: bool = False) -> None:
+        """The last run's device logits (it fed n tokens) -> ``out[:, at:...]``: every position it
+        produced, or only the last one. A last-position engine produced only that one."""
         rt, v = cudart(), self.contract.vocab_size
         dt = self._dtypes[LOGITS]
         row = v * dt.itemsize
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        if last_position:
+        produced = 1 if self._last_logits else n
+        if last_position and produced > 1:
             host = np.empty((b, 1, v), dtype=dt)
             # b rows of one position each: source pitch n*V, offset (n-1)*V; destination contiguous.
             cuda_check(
@@ -545,13 +657,13 @@ class TensorRTBackend(Backend):
                 "copy logits to the host",
             )
         else:
-            host = np.empty((b, n, v), dtype=dt)
+            host = np.empty((b, 1 if last_position else produced, v), dtype=dt)
             cuda_check(
                 rt.cudaMemcpyAsync(host.ctypes.data, self._logits.ptr, host.nbytes, d2h, self._stream),
                 "copy logits to the host",
             )
         cuda_check(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        out[:, a : a + n] = host  # float16 logits widen to float32 here
+        out[:, at : at + host.shape[1]] = host  # float16 logits widen to float32 here
 
     # --- close / info -------------------------------------------------------------------------------
     def _close_impl(self) -> None:
@@ -573,7 +685,7 @@ class TensorRTBackend(Backend):
             self._runtime = None
             self._parent_runtime = None
             for slot in getattr(self, "_slots", []):
-                slot.release()
+                slot.release()  # every slot, in order: nothing is left to the garbage collector
             for buf in getattr(self, "_buffers", []):
                 buf.free()
             self._slots, self._buffers = [], []
@@ -599,6 +711,9 @@ class TensorRTBackend(Backend):
             "max_prompt": self.max_prompt,
             "max_context": self.max_context,
             "version_compatible": e.version_compatible,
-            "kv_slots": self._max_slots,
+            "kv_caches": KV_CACHES,
+            "logits_positions": "last" if self._last_logits else "all",
+            "activation_bytes": int(getattr(self._engine, "device_memory_size_v2", 0) or 0),
+            "kv_bytes_per_tensor_side": self._kv_bytes,
             "notes": list(self._notes),
         }

@@ -7,9 +7,10 @@ protoc runs with the repository root as the include path and each .proto named b
 (``serving/proto/x.proto``), so the generated modules are ``serving.proto.x_pb2`` and the
 ``*_pb2_grpc`` modules import them as ``from serving.proto import x_pb2``: no import rewriting.
 
-The check regenerates into a temporary directory and compares. Lines that only stamp the
-generator's version (protoc / grpcio-tools) are compared with the version masked out, so a newer
-grpcio-tools in CI does not make unchanged protos look stale.
+The check regenerates into a temporary directory and compares line by line. Only the generator's
+version stamps are masked, each matched whole at its known place (``_normalized``), so a newer
+grpcio-tools in CI does not make unchanged protos look stale and no other line (a method path, a
+message name) can ever be hidden by the masking.
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ ROOT = PROTO_DIR.parents[1]
 REL_DIR = PROTO_DIR.relative_to(ROOT)  # serving/proto
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
-# Version stamps that differ between generator versions without the protos changing.
-_VERSION_STAMPS = [
-    re.compile(r"(# Protobuf Python Version: ).*"),
-    re.compile(r"(GRPC_GENERATED_VERSION = ).*"),
-    re.compile(r"(_runtime_version\.ValidateProtobufRuntimeVersion\().*"),
-    re.compile(r"^(\s*_runtime_version\.Domain\.PUBLIC,)$"),
-    re.compile(r"^(\s*)\d+,$"),  # the major/minor/patch lines of the runtime check
-    re.compile(r"^(\s*)'[^']*',$"),  # its suffix line
-]
+VERSION = r"\d+\.\d+\.\d+(?:[.-]?[A-Za-z0-9]+)*"
+# Whole lines that only stamp the generator's version (fullmatch: nothing else on the line).
+_STAMP_LINES = (
+    re.compile(rf"# Protobuf Python Version: {VERSION}"),  # *_pb2.py header
+    re.compile(rf"GRPC_GENERATED_VERSION = '{VERSION}'"),  # *_pb2_grpc.py
+)
+# *_pb2.py: the protobuf runtime check; its major, minor, patch and suffix arguments are stamps.
+_RUNTIME_CHECK = "_runtime_version.ValidateProtobufRuntimeVersion("
+_RUNTIME_CHECK_ARGS = (
+    re.compile(r"    _runtime_version\.Domain\.PUBLIC,"),  # compared, not masked
+    re.compile(r"    \d+,"),
+    re.compile(r"    \d+,"),
+    re.compile(r"    \d+,"),
+    re.compile(r"    '[A-Za-z0-9.-]*',"),
+)
+MASK = "<generator version>"
 
 
 def proto_files() -> list[Path]:
@@ -78,14 +86,24 @@ def run_protoc(out_root: Path) -> Path:
 
 
 def _normalized(text: str) -> list[str]:
-    lines = []
-    for line in text.splitlines():
-        for pat in _VERSION_STAMPS:
-            if pat.search(line):
-                line = pat.sub(r"\1<version>", line)
-                break
-        lines.append(line)
-    return lines
+    """The lines of a generated file with the generator's version stamps replaced by ``MASK``.
+
+    A stamp is masked only where the generator writes it: a whole line of ``_STAMP_LINES``, or an
+    argument line of the runtime check right after ``_RUNTIME_CHECK`` in exactly its generated
+    shape. Anything else (a changed method path, a renamed field) is compared as written.
+    """
+    lines = text.splitlines()
+    out = [MASK if any(p.fullmatch(line) for p in _STAMP_LINES) else line for line in lines]
+    for i, line in enumerate(lines):
+        args = lines[i + 1 : i + 1 + len(_RUNTIME_CHECK_ARGS)]
+        if (
+            line == _RUNTIME_CHECK
+            and len(args) == len(_RUNTIME_CHECK_ARGS)
+            and all(p.fullmatch(a) for p, a in zip(_RUNTIME_CHECK_ARGS, args))
+        ):
+            for j in range(i + 2, i + 1 + len(_RUNTIME_CHECK_ARGS)):  # the version arguments
+                out[j] = MASK
+    return out
 
 
 def check(out_dir: Path, committed_dir: Path = PROTO_DIR) -> list[str]:

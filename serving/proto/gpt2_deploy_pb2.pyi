@@ -125,7 +125,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("name", "source", "precision", "backend", "device", "n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "eos_token_id", "parity_mode", "canary", "backend_info_json", "canary_report_json", "ready", "kserve_models")
+    __slots__ = ("name", "source", "precision", "backend", "device", "n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "eos_token_id", "parity_mode", "canary", "backend_info_json", "canary_report_json", "ready", "kserve_models", "not_serving_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class ModelInfoResponse(_message.Message):
     CANARY_REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     KSERVE_MODELS_FIELD_NUMBER: _ClassVar[int]
+    NOT_SERVING_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     precision: str
@@ -160,17 +161,20 @@ class ModelInfoResponse(_message.Message):
     canary_report_json: str
     ready: bool
     kserve_models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_positions: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., parity_mode: _Optional[str] = ..., canary: _Optional[str] = ..., backend_info_json: _Optional[str] = ..., canary_report_json: _Optional[str] = ..., ready: _Optional[bool] = ..., kserve_models: _Optional[_Iterable[str]] = ...) -> None: ...
+    not_serving_reason: str
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_positions: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., parity_mode: _Optional[str] = ..., canary: _Optional[str] = ..., backend_info_json: _Optional[str] = ..., canary_report_json: _Optional[str] = ..., ready: _Optional[bool] = ..., kserve_models: _Optional[_Iterable[str]] = ..., not_serving_reason: _Optional[str] = ...) -> None: ...
 
 class CheckParityRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "max_new_tokens")
+    __slots__ = ("text", "token_ids", "max_new_tokens", "batched")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     max_new_tokens: int
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    batched: bool
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., batched: _Optional[bool] = ...) -> None: ...
 
 class ParityStep(_message.Message):
     __slots__ = ("case", "max_abs", "mean_abs", "top1_agreement", "positions", "passed")
@@ -189,7 +193,7 @@ class ParityStep(_message.Message):
     def __init__(self, case: _Optional[str] = ..., max_abs: _Optional[float] = ..., mean_abs: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., positions: _Optional[int] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class CheckParityResponse(_message.Message):
-    __slots__ = ("passed", "tolerance", "atol", "min_top1", "max_abs", "top1_agreement", "first_diverging_step", "steps", "report", "report_json", "served_backend", "reference_backend")
+    __slots__ = ("passed", "tolerance", "atol", "min_top1", "max_abs", "top1_agreement", "first_diverging_step", "steps", "report", "report_json", "served_backend", "reference_backend", "batch_sizes", "notes", "batched", "batched_vs_solo_passed", "batched_vs_solo_max_abs", "batched_vs_solo_first_diverging_step")
     PASSED_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     ATOL_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +206,12 @@ class CheckParityResponse(_message.Message):
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVED_BACKEND_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_VS_SOLO_PASSED_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_VS_SOLO_MAX_ABS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_VS_SOLO_FIRST_DIVERGING_STEP_FIELD_NUMBER: _ClassVar[int]
     passed: bool
     tolerance: str
     atol: float
@@ -214,4 +224,10 @@ class CheckParityResponse(_message.Message):
     report_json: str
     served_backend: str
     reference_backend: str
-    def __init__(self, passed: _Optional[bool] = ..., tolerance: _Optional[str] = ..., atol: _Optional[float] = ..., min_top1: _Optional[float] = ..., max_abs: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., first_diverging_step: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[ParityStep, _Mapping]]] = ..., report: _Optional[str] = ..., report_json: _Optional[str] = ..., served_backend: _Optional[str] = ..., reference_backend: _Optional[str] = ...) -> None: ...
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    batched: bool
+    batched_vs_solo_passed: bool
+    batched_vs_solo_max_abs: float
+    batched_vs_solo_first_diverging_step: int
+    def __init__(self, passed: _Optional[bool] = ..., tolerance: _Optional[str] = ..., atol: _Optional[float] = ..., min_top1: _Optional[float] = ..., max_abs: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., first_diverging_step: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[ParityStep, _Mapping]]] = ..., report: _Optional[str] = ..., report_json: _Optional[str] = ..., served_backend: _Optional[str] = ..., reference_backend: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., notes: _Optional[_Iterable[str]] = ..., batched: _Optional[bool] = ..., batched_vs_solo_passed: _Optional[bool] = ..., batched_vs_solo_max_abs: _Optional[float] = ..., batched_vs_solo_first_diverging_step: _Optional[int] = ...) -> None: ...

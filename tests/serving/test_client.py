@@ -69,7 +69,7 @@ def test_generate_command_seeded_sampling_and_stop(server):
 
 def test_generate_command_errors(server):
     res = runner.invoke(app, ["generate", "-s", server.address, "-n", "0", "Hi"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # the server refused the request's options: exit 2, like every bad option
     assert "error: INVALID_ARGUMENT: max_new_tokens must be an integer in [1, 4096], got 0" in res.output
     res = runner.invoke(app, ["generate", "-s", f"127.0.0.1:{free_port()}", "--timeout", "2", "Hi"])
     assert res.exit_code == 1 and "error: UNAVAILABLE" in res.output

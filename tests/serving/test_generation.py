@@ -283,3 +283,42 @@ def test_holdback_keeps_possible_stop_string_prefixes():
     assert _holdback("xab", 2, ["abc"]) == 0  # only the not-yet-emitted part can be held back
     assert _find_stop("one two three", 0, ["three", "two"]) == 4
     assert _find_stop("one two", 5, ["two"]) == -1
+
+
+def test_a_backend_limit_below_the_model_is_refused_before_streaming(tiny_bundle, tokenizer):
+    """A request the model allows (256 positions) but the backend does not (an engine built for 64)
+    is refused by validation, naming the backend's limit, before any token is streamed."""
+    from serving.backends.base import BackendLimits
+    from serving.backends.ort_backend import OrtBackend
+
+    class Engine64(OrtBackend):
+        @property
+        def limits(self) -> BackendLimits:
+            return BackendLimits(max_batch=4, max_context=64)
+
+    be = Engine64(tiny_bundle, BackendOptions(threads=1)).load()
+    try:
+        with Generator(be, tokenizer) as gen:
+            req = GenerationRequest([1] * 40, max_new_tokens=30)
+            with pytest.raises(OutOfRange, match=r"70 exceeds the onnxruntime backend's context of 64"):
+                gen.validate(req)
+            stream = gen.stream(req)
+            with pytest.raises(OutOfRange):
+                next(stream)
+            assert gen.scheduler.steps == 0  # nothing ran
+            assert gen.generate(GenerationRequest([1] * 40, max_new_tokens=24)).completion_tokens == 24
+            assert gen.scheduler.max_batch == 4  # the backend's batch limit caps the scheduler
+    finally:
+        be.close()
+
+
+def test_per_token_times_count_output_tokens_only(backends, tokenizer):
+    """A generation that ends on EOS has one time per token after the first, not one more."""
+    with Generator(backends["onnxruntime"], tokenizer) as gen:
+        sp = SamplingParams(do_sample=True, seed=6)
+        ids = tokenizer.encode("one two three")
+        free = gen.generate(GenerationRequest(ids, 24, sp, stop_at_eos=False)).token_ids
+        gen.eos_token_id = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i])
+        final = gen.generate(GenerationRequest(ids, 24, sp))
+    assert final.finish_reason == "eos" and final.completion_tokens >= 3
+    assert len(final.per_token_s) == final.completion_tokens - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -115,7 +116,7 @@ def test_unmodified_tritonclient(server, tmp_path):
     # The left-padded batch: row 0 is the sequence, row 1 its first S-2 tokens after two pads.
     logits = np.load(npy)
     assert logits.shape == (2, len(ids), 50257) and out["logits_datatype"] == "FP32"
-    want = rt.forward(np.asarray([ids]), None)[0]
+    want = asyncio.run(rt.forward(np.asarray([ids]), None))[0]
     np.testing.assert_allclose(logits[0], want, atol=1e-5)
     np.testing.assert_allclose(logits[1, 2:], want[:-2], atol=1e-4)  # padding changes nothing
 
@@ -192,7 +193,7 @@ BAD = [
         "wrong tensor name",
         request("tiny", ids_input([[1, 2]], name="ids")),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "unknown input 'ids'; missing required input(s) ['input_ids']. " + FORWARD_EXPECTED,
+        "unknown input(s) ['ids']; missing required input(s) ['input_ids']. " + FORWARD_EXPECTED,
     ),
     (
         "wrong datatype",
@@ -244,7 +245,7 @@ BAD = [
         "unknown output",
         request("tiny", ids_input([[1]]), outputs=["probs"]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "unknown requested output 'probs'",
+        "unknown requested output(s) ['probs']",
     ),
     (
         "missing max_tokens",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
 
 from export.compare import Tolerance, tolerance_for
+from export.errors import OptionsError
 from export.manifest import Bundle
 from serving import parity
 from serving.backends import BackendOptions, create_backend
@@ -42,13 +44,15 @@ def perturbed_bundle(tiny_bundle, tmp_path_factory) -> Bundle:
 
     root = tmp_path_factory.mktemp("perturbed") / "tiny"
     shutil.copytree(tiny_bundle.root, root)
-    model = onnx.load(str(root / tiny_bundle.manifest.model_file))
-    big = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the token embedding
-    w = numpy_helper.to_array(big)
-    noise = np.random.default_rng(0).normal(0, 0.05, w.shape).astype(w.dtype)
-    big.CopyFrom(numpy_helper.from_array(w + noise, big.name))
-    onnx.save(model, str(root / tiny_bundle.manifest.model_file))
     m = tiny_bundle.manifest
+    # every decoder graph: model.onnx and the serving graph the onnxruntime backend runs
+    for rel in [m.model_file] + ([m.serving.file] if m.serving is not None else []):
+        model = onnx.load(str(root / rel))
+        big = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the token embedding
+        w = numpy_helper.to_array(big)
+        noise = np.random.default_rng(0).normal(0, 0.05, w.shape).astype(w.dtype)
+        big.CopyFrom(numpy_helper.from_array(w + noise, big.name))
+        onnx.save(model, str(root / rel))
     rehashed = m.with_files(root, {rel: f.role for rel, f in m.files.items()})
     rehashed.write(root)
     return Bundle.open(root)
@@ -131,37 +135,39 @@ def test_served_tolerance_comes_from_the_loaded_backend(served):
 
 def test_generation_parity_stops_when_cancelled(served, reference, tokenizer):
     from serving.errors import Cancelled
+    from serving.scheduler import Scheduler
 
     calls = []
 
     def cancelled():
         calls.append(1)
-        return len(calls) > 5  # a few reference steps, then the client goes away
+        return len(calls) > 5  # a few reference tokens, then the client goes away
 
-    with pytest.raises(Cancelled):
-        parity.check_generation_parity(
-            served,
-            reference,
-            tokenizer,
-            tokenizer.encode("one red"),
-            20,
-            tolerance_for("fp32"),
-            cancelled=cancelled,
-        )
-    assert len(calls) == 6  # polled every step, stopped at the first True
-    ids = tokenizer.encode("one red")
-    seq = parity.reference_continuations(reference, tokenizer, [ids], 3)
-    n = []
-    with pytest.raises(Cancelled):  # the teacher-forced part polls too
-        parity.teacher_forced_parity(
-            served,
-            reference,
-            seq,
-            tolerance_for("fp32"),
-            len(ids),
-            cancelled=lambda: n.append(1) or len(n) > 2,
-        )
-    assert len(n) == 3
+    ref = Scheduler(reference).start()
+    try:
+        with pytest.raises(Cancelled):
+            parity.check_generation_parity(
+                served,
+                ref,
+                tokenizer,
+                tokenizer.encode("one red"),
+                200,
+                tolerance_for("fp32"),
+                cancelled=cancelled,
+            )
+        assert len(calls) == 6  # polled while the rows ran, stopped at the first True
+        time.sleep(0.5)
+        assert ref.active_rows() == 0 and ref.queue_depth() == 0  # the cancelled row left its batch
+        ids = tokenizer.encode("one red")
+        seq = parity.reference_continuations(ref, tokenizer, [ids], 3)
+        n = []
+        with pytest.raises(Cancelled):  # the teacher-forced part polls too
+            parity.teacher_forced_parity(
+                served, ref, seq, tolerance_for("fp32"), len(ids), cancelled=lambda: n.append(1) or len(n) > 2
+            )
+        assert len(n) == 3
+    finally:
+        ref.stop()
 
 
 def test_shadow_parity_checks_off_the_hot_path(served, reference, tokenizer):
@@ -197,34 +203,43 @@ def test_shadow_queue_is_bounded_and_sampled(reference):
     some = parity.ShadowParity(reference, tol, rate=0.5, queue_size=1000, seed=1, served=reference)
     n = sum(some.maybe_submit([1], [2]) for _ in range(400))
     assert 150 < n < 250
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(OptionsError, match=r"\[0, 1\]"):
         parity.ShadowParity(reference, tol, rate=1.5, served=reference)
 
 
-def test_shadow_stop_drains_and_keeps_a_busy_worker(served, reference):
+def test_shadow_stop_cancels_a_busy_check_and_discards_the_queue(tiny_bundle, reference):
     import threading
-    from contextlib import contextmanager
 
-    release = threading.Event()
-    entered = threading.Event()
+    from serving.backends.ort_backend import OrtBackend
+    from serving.scheduler import Scheduler
 
-    @contextmanager
-    def blocking_guard():  # stands for the admission limit: the worker waits inside it
-        entered.set()
-        release.wait(30)
-        yield
+    release, entered = threading.Event(), threading.Event()
 
+    class BlockingOrt(OrtBackend):  # the real backend, held inside its forward until released
+        def _forward(self, *args):
+            entered.set()
+            release.wait(30)
+            return super()._forward(*args)
+
+    backend = BlockingOrt(tiny_bundle, BackendOptions(threads=1)).load()
+    sched = Scheduler(backend).start()
     shadow = parity.ShadowParity(
-        reference, tolerance_for("fp32"), rate=1.0, queue_size=4, served=served, guard=blocking_guard
+        reference, tolerance_for("fp32"), rate=1.0, queue_size=4, served=sched
     ).start()
-    assert shadow.maybe_submit([1, 2], [3])
-    assert entered.wait(10)  # the worker is inside its first check
-    assert all(shadow.maybe_submit([1, 2], [3]) for _ in range(4))  # queue full behind it
-    assert shadow.stop(timeout=0.2) is False  # still busy: not dropped, reference must stay open
-    release.set()
-    assert shadow.stop(timeout=30) is True
-    assert shadow.join(5)  # discarded items were marked done
-    assert shadow.counters()["checked"] == 1
+    try:
+        assert shadow.maybe_submit([1, 2], [3])
+        assert entered.wait(30)  # the worker's check is inside the served forward
+        assert all(shadow.maybe_submit([1, 2], [3]) for _ in range(4))  # queue full behind it
+        t0 = time.perf_counter()
+        assert shadow.stop(timeout=10) is True  # cancelled at once, not after the forward
+        assert time.perf_counter() - t0 < 5
+        assert shadow.join(5)  # discarded items were marked done
+        assert shadow.counters()["checked"] == 0 and shadow.counters()["errors"] == 0
+    finally:
+        release.set()
+        assert sched.stop(30)
+        backend.close()
+    assert sched.active_rows() == 0
 
 
 def test_parity_cli_reports_and_exits_by_verdict(tiny_bundle, perturbed_bundle, tmp_path):

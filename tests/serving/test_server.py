@@ -3,6 +3,7 @@ health, the startup canary, bad input, metrics and reflection."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.request
@@ -34,14 +35,6 @@ class SlowOrtBackend(OrtBackend):
     def _forward(self, *args):
         time.sleep(0.02)
         return super()._forward(*args)
-
-
-class OneCacheSlowOrtBackend(SlowOrtBackend):
-    """The slowed real backend declaring room for one live KV cache (like a 1-slot TensorRT engine)."""
-
-    @property
-    def max_concurrent_caches(self) -> int:
-        return 1
 
 
 class NoisyOrtBackend(OrtBackend):
@@ -142,7 +135,7 @@ def test_score_matches_forward_logits(server, client):
     ids = server.runtime.tokenizer.encode("The capital of France is")
     full = client.score(ids)
     assert full.logits.shape == (len(ids), server.runtime.bundle.dims.vocab_size)
-    want = server.runtime.forward(np.asarray([ids]), None)[0]
+    want = asyncio.run(server.runtime.forward(np.asarray([ids]), None))[0]
     np.testing.assert_allclose(full.logits, want, atol=1e-5)
     top = client.score(ids, top_k=5)
     assert top.logits is None and top.top_ids.shape == (len(ids), 5)
@@ -421,47 +414,51 @@ def test_shadow_parity_rechecks_live_requests(tiny_bundle):
         assert running.runtime.canary == "off" and c.health() == "SERVING"
 
 
-# --- admission, queueing, shutdown races ------------------------------------------------------
-def test_admission_limit_refuses_without_stalling_running_streams(tiny_bundle):
-    """A backend with room for one KV cache: a second generation waits outside the backend lock,
-    then gets UNAVAILABLE; the first keeps stepping to its end meanwhile."""
+# --- queueing, shutdown races ----------------------------------------------------------------
+def test_a_full_queue_refuses_at_once_without_stalling_running_streams(tiny_bundle):
+    """One row at a time and room for one waiting request: the third request is refused with
+    RESOURCE_EXHAUSTED naming the limit and the flag; the running one keeps stepping."""
     with (
         build_server(
-            _opts(tiny_bundle, parity="off", admission_timeout_s=0.5),
-            backend=OneCacheSlowOrtBackend(tiny_bundle),
+            _opts(tiny_bundle, parity="off", max_batch_size=1, max_queue=1),
+            backend=SlowOrtBackend(tiny_bundle),
         ) as running,
         Gpt2DeployClient(running.address, timeout=60) as c,
     ):
         first = c.generate("Hello", max_new_tokens=60, ignore_eos=True)  # ~1.2 s of 20 ms steps
         it = iter(first)
         next(it)  # admitted and running
+        second = c.generate("Hi", max_new_tokens=2, ignore_eos=True)  # waits in the queue
+        deadline = time.monotonic() + 10
+        while running.runtime.scheduler.queue_depth() < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
-            c.generate("Hi", max_new_tokens=2).result()
-        waited = time.monotonic() - t0
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
-        assert "at most 1 KV cache" in info.value.details() and "--kv-slots" in info.value.details()
-        assert 0.4 < waited < 5
+            c.generate("Hey", max_new_tokens=2).result()
+        assert time.monotonic() - t0 < 1.0  # at once, not after a wait
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert "limit 1" in info.value.details() and "--max-queue" in info.value.details()
         for _ in it:
             pass
         assert first.finish_reason == "length" and len(first.token_ids) == 60  # never stalled
-        # The place is free again: the next request runs.
-        assert len(c.generate("Hi", max_new_tokens=2, ignore_eos=True).result().token_ids) == 2
+        assert len(second.result().token_ids) == 2  # the queued one ran after it
+        assert running.metrics.value("gpt2_deploy_queue_depth") == 0
 
 
 def test_time_to_first_token_includes_queueing(tiny_bundle):
     with (
-        build_server(_opts(tiny_bundle, parity="off")) as running,
+        build_server(
+            _opts(tiny_bundle, parity="off", max_batch_size=1), backend=SlowOrtBackend(tiny_bundle)
+        ) as running,
         Gpt2DeployClient(running.address, timeout=60) as c,
     ):
-        holder = threading.Thread(
-            target=lambda: (running.runtime._lock.acquire(), time.sleep(0.4), running.runtime._lock.release())
-        )
-        holder.start()
-        time.sleep(0.05)  # the backend is busy when the request arrives
+        busy = c.generate("Hello", max_new_tokens=20, ignore_eos=True)  # ~0.4 s on the one row
+        next(iter(busy))
         f = c.generate("Hello", max_new_tokens=2).result()
-        holder.join()
-        assert f.finish.time_to_first_token_s >= 0.3
+        busy.result()
+        assert f.finish.time_to_first_token_s >= 0.25
+        assert running.metrics.value("gpt2_deploy_queue_wait_seconds_count") >= 2
 
 
 def test_close_leaves_a_busy_backend_open_and_refuses_queued_work(tiny_bundle):
@@ -471,26 +468,36 @@ def test_close_leaves_a_busy_backend_open_and_refuses_queued_work(tiny_bundle):
     from serving.metrics import ServerMetrics
     from serving.runtime import ModelRuntime
 
+    release, entered = threading.Event(), threading.Event()
+
+    class StuckOrt(OrtBackend):  # the real backend, stuck inside a forward until released
+        def _forward(self, *args):
+            if entered.is_set():
+                release.wait(30)
+            entered.set()
+            return super()._forward(*args)
+
     rt = ModelRuntime(
         tiny_bundle,
-        OrtBackend(tiny_bundle),
+        StuckOrt(tiny_bundle),
         metrics=ServerMetrics(),
         tolerance=tolerance_for("fp32"),
         close_timeout_s=0.2,
     )
     rt.load()
     rt.state = "serving"
-    events = rt.generate(GenerationRequest(rt.encode("Hello"), max_new_tokens=4))
-    rt._lock.acquire()  # a forward step that does not finish
+    events = rt.generator.stream(GenerationRequest(rt.encode("Hello"), max_new_tokens=4))
+    next(events)  # the prefill ran; the first decode step is stuck
     closer = threading.Thread(target=rt.close)
     closer.start()
     closer.join(10)
     assert not closer.is_alive() and rt.backend.is_loaded  # skipped, not closed under the step
-    rt._lock.release()
-    with pytest.raises(Unavailable, match="shutting down"):  # queued behind the lock: not INTERNAL
-        next(events)
-    with pytest.raises(Unavailable):
+    release.set()
+    with pytest.raises(Unavailable):  # refused at once after close, not INTERNAL
         rt.generate(GenerationRequest([1], 1))
+    for _ in events:  # the stuck row ends (cancelled by the stop), it does not hang
+        pass
+    assert rt.scheduler.stop(10)
     rt.backend.close()
 
 
@@ -500,7 +507,10 @@ def test_runtime_check_parity_honours_cancellation(server):
     ids = server.runtime.tokenizer.encode("Hello")
     with pytest.raises(Cancelled):
         server.runtime.check_parity(ids, 4, cancelled=lambda: True)
-    assert not server.runtime._lock.locked()
+    deadline = time.monotonic() + 10
+    while server.runtime.scheduler.active_rows() or server.runtime.scheduler.queue_depth():
+        assert time.monotonic() < deadline, "the cancelled check's rows stayed"
+        time.sleep(0.02)
 
 
 def test_stop_during_startup_abandons_it(tiny_bundle):

@@ -1,4 +1,5 @@
-"""serving.tokenizer: GPT-2 BPE on `tokenizers` alone, and a stream decoder that never splits UTF-8."""
+"""serving.tokenizer: GPT-2 BPE on `tokenizers` alone, and its stream decoder (`DecodeStream`) that never
+splits UTF-8."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_decode_round_trips_and_agrees_with_tokenizers(tok):
     ids = tok.encode(TRICKY)
     assert 50256 in ids  # the special token is one token, not "<", "|", ...
     assert tok.decode(ids) == TRICKY
-    assert tok._tk.decode(ids, skip_special_tokens=False) == TRICKY
+    assert tok.backend.decode(ids, skip_special_tokens=False) == TRICKY
 
 
 def test_stream_decoder_holds_back_split_utf8(tok):
@@ -74,3 +75,60 @@ def test_from_dir_without_tokenizer_names_what_it_wants(tmp_path):
     (tmp_path / "other.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"tokenizer.json or vocab.json \+ merges.txt.*other.txt"):
         Tokenizer.from_dir(tmp_path)
+
+
+MULTIBYTE = "naïve café — 日本語のテキスト, 한국어, emoji 🤖🎉👩‍👩‍👧 and <|endoftext|> then ünïcödé"
+
+
+def _stream(tok, ids):
+    dec = tok.stream_decoder()
+    deltas = [dec.push([i]) for i in ids]
+    return deltas, dec.flush()
+
+
+def test_stream_emits_text_as_soon_as_its_characters_are_complete(tok):
+    """Valid text split over tokens (CJK, emoji, ZWJ sequences): never U+FFFD; after a token that
+    completes its characters the text so far is all of it; after one that ends inside a character
+    that token's text is held back (a whole token: a space in it waits for the character too)."""
+    ids = tok.encode(MULTIBYTE)
+    assert len(ids) > len(MULTIBYTE.split())  # multibyte characters span several tokens
+    deltas, rest = _stream(tok, ids)
+    held = 0
+    for k in range(1, len(ids) + 1):
+        so_far, decoded = "".join(deltas[:k]), tok.decode(ids[:k])
+        assert "\ufffd" not in so_far
+        if decoded.endswith("\ufffd"):  # the tail is an incomplete character
+            held += 1
+            assert decoded.rstrip("\ufffd").startswith(so_far), k
+        else:
+            assert so_far == decoded, k
+    assert held >= 3 and rest == "" and "".join(deltas) == MULTIBYTE
+
+
+def test_special_tokens_stream_as_their_text(tok):
+    ids = tok.encode("a<|endoftext|>b")
+    assert 50256 in ids
+    deltas, rest = _stream(tok, ids)
+    assert "<|endoftext|>" in deltas and "".join(deltas) + rest == "a<|endoftext|>b"
+
+
+def test_stream_of_arbitrary_ids_concatenates_to_decode(tok):
+    """Random ids, mostly tokens of non-ASCII bytes (lead bytes, continuation bytes, invalid
+    sequences): the deltas plus the flush always equal one decode of all ids."""
+    import random
+
+    rng = random.Random(0)
+    vocab = tok.backend.get_vocab()
+    high = [i for t, i in vocab.items() if all(ord(c) >= 0x80 for c in t)]
+    for _ in range(300):
+        ids = [rng.choice(high) if rng.random() < 0.8 else rng.randrange(len(tok)) for _ in range(12)]
+        deltas, rest = _stream(tok, ids)
+        assert "".join(deltas) + rest == tok.decode(ids), ids
+
+
+def test_push_rejects_bad_ids_and_keeps_going(tok):
+    dec = tok.stream_decoder()
+    assert dec.push(tok.encode("Hi")) == "Hi"
+    with pytest.raises(InvalidInput, match=r"\[0, 50257\)"):
+        dec.push([50257])
+    assert dec.push(tok.encode(" there")) == " there" and dec.flush() == ""

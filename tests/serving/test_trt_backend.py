@@ -17,7 +17,7 @@ from deploy.engine import EngineEntry, RuntimeInfo, upsert_engine
 from export.manifest import Bundle
 from serving.backends import BackendOptions, create_backend
 from serving.backends.trt_backend import TensorRTBackend, import_tensorrt
-from serving.errors import BackendUnavailable, InvalidInput, OutOfRange
+from serving.errors import BackendUnavailable, InvalidInput, OutOfRange, Unavailable
 
 
 @pytest.fixture()
@@ -54,16 +54,35 @@ def test_registered_and_cheap_to_construct(tiny_bundle):
     assert isinstance(be, TensorRTBackend) and not be.is_loaded  # no TensorRT, no CUDA touched yet
 
 
-def test_capacity_is_the_kv_slots(tiny_bundle):
-    """The server admits at most this many generations (ModelRuntime's admission limit)."""
-    assert TensorRTBackend(tiny_bundle, BackendOptions(device="cuda")).max_concurrent_caches == 2
-    opts = BackendOptions(device="cuda", extra={"kv_slots": 5})
-    assert TensorRTBackend(tiny_bundle, opts).max_concurrent_caches == 5
-
-
 def test_refuses_a_cpu_device(tiny_bundle):
     with pytest.raises(BackendUnavailable, match="CUDA devices only; device 'cpu' given"):
         create_backend("tensorrt", tiny_bundle).load()
+
+
+def test_kv_slots_are_leased_and_released_explicitly(tiny_bundle):
+    """The slot bookkeeping (no CUDA involved): a released cache frees its slot at once, a stale
+    cache can neither be used nor free a slot that was leased again, and a cache invalidated by a
+    failed step still releases its slot (no leak after errors)."""
+    from serving.backends.trt_backend import KV_CACHES, TrtKVCache, _KVSlot
+
+    be = TensorRTBackend(tiny_bundle, BackendOptions(device="cuda"))
+    be._slots = [_KVSlot(i) for i in range(KV_CACHES)]  # buffers are allocated at load; none here
+    be._loaded = True  # release() is a no-op on an unloaded backend
+    caches = [TrtKVCache(1, 0, be._take_slot(), id(be)) for _ in range(KV_CACHES)]
+    with pytest.raises(Unavailable, match=f"all {KV_CACHES} KV caches"):
+        be._take_slot()
+    be.release(caches[0])
+    again = TrtKVCache(1, 0, be._take_slot(), id(be))  # the freed slot, leased again
+    assert again.slot is caches[0].slot
+    be.release(caches[0])  # stale: must not free the new lease
+    assert again.slot.in_use
+    with pytest.raises(InvalidInput, match="already advanced"):
+        be._own(caches[0])
+    caches[1].slot.version += 1  # what a failed forward does to its slot
+    with pytest.raises(InvalidInput):
+        be._own(caches[1])
+    be.release(caches[1])  # still its own lease: the slot comes back
+    assert not caches[1].slot.in_use
 
 
 def test_refuses_a_bundle_without_engines(bundle_copy):
@@ -191,7 +210,13 @@ def test_lean_runtime_loads_the_version_compatible_engine(engines):
 
     bundle, built = engines
     seq = list(range(100, 120))
-    with _trt(bundle, built["vc"], runtime="tensorrt_lean") as served, reference_backend(bundle) as ref:
+    # a version-compatible plan carries the lean runtime as host code: refused unless trusted
+    with pytest.raises(BackendUnavailable, match="--trust-engine-host-code"):
+        _trt(bundle, built["vc"], runtime="tensorrt_lean")
+    with (
+        _trt(bundle, built["vc"], runtime="tensorrt_lean", trust_engine_host_code=True) as served,
+        reference_backend(bundle) as ref,
+    ):
         assert served.info()["runtime"] == "tensorrt_lean"
         report = teacher_forced_parity(served, ref, [seq], tolerance_for(built["vc"].tolerance_name), 12)
         assert report, str(report)
