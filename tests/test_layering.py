@@ -64,4 +64,5 @@ def test_each_stage_owns_its_commands():
         "serve": "serving.cli",
         "generate": "serving.cli",
         "parity": "serving.cli",
+        "health": "serving.cli",
     }
