@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from deploy.presets import ENGINE_PRECISIONS, PRESETS, preset_help
-from export.cli import BUNDLE
+from export.cli import BUNDLE, fail
 
 PRESET_NAMES = "|".join(PRESETS)
 
@@ -110,8 +110,7 @@ def build(
             return
         entry = build_engine(b, opts)
     except (OptionsError, BundleError, MissingDependencyError, BuildError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_OPTIONS if isinstance(e, OptionsError) else EXIT_FAILED) from None
+        raise fail(str(e), EXIT_OPTIONS if isinstance(e, OptionsError) else EXIT_FAILED) from None
     typer.echo(
         f"built {b.root / entry.file} in {entry.build_seconds:.1f} s: TensorRT {entry.tensorrt_version}, "
         f"{entry.gpu_name} (sm {entry.compute_capability}), {entry.precision}"

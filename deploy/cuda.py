@@ -1,5 +1,5 @@
 """CUDA device helpers on cuda-python (imported lazily): the runtime module, error checking, device
-queries, and why TensorRT cannot run here.
+queries; the TensorRT module a runtime choice imports, and why TensorRT cannot run here.
 
     info = cuda_device_info(0)          # name, compute capability, memory, integrated (Jetson)
     cuda_check(cudart().cudaSetDevice(0), "cudaSetDevice")
@@ -9,11 +9,21 @@ Only the standard library is imported at module level.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
 from deploy.engine import parse_compute_capability
 from export.deps import require
+
+# The modules each TensorRT runtime choice (``serve --trt-runtime``) imports, in the order tried. The
+# lean runtime's import name is ``tensorrt_lean`` (the ``tensorrt-lean`` meta package); the
+# ``tensorrt-lean-cu13-bindings`` wheel alone installs it as ``tensorrt_lean_bindings``.
+TENSORRT_MODULES: dict[str, tuple[str, ...]] = {
+    "auto": ("tensorrt", "tensorrt_lean", "tensorrt_lean_bindings"),
+    "tensorrt": ("tensorrt",),
+    "tensorrt_lean": ("tensorrt_lean", "tensorrt_lean_bindings"),
+}
 
 
 def cudart() -> Any:
@@ -95,15 +105,31 @@ def set_cuda_device(index: int) -> None:
     cuda_check(rt.cudaSetDevice(index), f"cudaSetDevice({index})")
 
 
+def import_tensorrt_runtime(runtime: str = "auto") -> tuple[Any, str]:
+    """The first module of ``TENSORRT_MODULES[runtime]`` that imports, and its kind ("tensorrt" or
+    "tensorrt_lean": ``RuntimeInfo.module``).
+
+    Raises:
+        ImportError: none imports; the message lists every attempt (``name: error``, "; " apart).
+    """
+    errors = []
+    for name in TENSORRT_MODULES[runtime]:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        return mod, ("tensorrt" if name == "tensorrt" else "tensorrt_lean")
+    raise ImportError("; ".join(errors))
+
+
 def tensorrt_unavailable_reason(module: str = "tensorrt") -> str | None:
     """Why TensorRT cannot run here (None when ``import <module>`` and a CUDA GPU both work).
 
     The `trt` tests skip with this reason; ``make gpu-check`` prints it.
     """
-    import importlib
-
-    names = [module, "tensorrt_lean_bindings"] if module == "tensorrt_lean" else [module]
-    for name in names:  # the lean bindings wheel alone installs the module as tensorrt_lean_bindings
+    names = TENSORRT_MODULES[module] if module == "tensorrt_lean" else (module,)
+    for name in names:
         try:
             importlib.import_module(name)
             break

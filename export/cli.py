@@ -23,7 +23,8 @@ BUNDLE = typer.Argument(..., help="Bundle directory (from `gpt2-deploy export`).
 Precision = Enum("Precision", {p.replace("-", "_"): p for p in EXPORT_PRECISIONS}, type=str)  # type: ignore[misc]
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    """Print ``error: MESSAGE`` on stderr; the exit to raise (every stage's commands use it)."""
     print(f"error: {message}", file=sys.stderr)
     return typer.Exit(code)
 
@@ -98,14 +99,14 @@ def export(
         if quiet:
             print(e.report, file=sys.stderr)
         n = len(e.report.errors) + sum(not c for c in e.report.cases)
-        raise _fail(
+        raise fail(
             f"validation failed ({n} failure{'s' * (n != 1)}); {out} is unchanged; the failing bundle "
             f"is kept in {e.kept} for inspection (its manifest holds the report; delete it when done)"
         ) from None
     except OptionsError as e:
-        raise _fail(str(e), EXIT_OPTIONS) from None
+        raise fail(str(e), EXIT_OPTIONS) from None
     except USER_ERRORS as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     print(describe(bundle))
 
 
@@ -121,7 +122,7 @@ def inspect(
     try:
         b = Bundle.open(bundle, verify_hashes=verify_hashes)
     except BundleError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     print(describe(b))
     if files:
         for rel, f in sorted(b.manifest.files.items()):

@@ -20,6 +20,7 @@ from export.cache_adapter import forward_with_cache
 from export.contract import IOContract
 from export.deps import require
 from export.errors import OptionsError
+from export.variants import external_locations
 
 DEFAULT_OPSET = 18
 # ONNX protobufs cannot exceed 2 GiB; above this estimated size the weights go to external data.
@@ -298,15 +299,7 @@ def write_logits_graph(src: str | os.PathLike, dst: str | os.PathLike, positions
     onnx = require("onnx")
     src, dst = Path(src), Path(dst)
     m = onnx.load(str(src), load_external_data=False)
-    external = sorted(
-        {
-            e.value
-            for i in m.graph.initializer
-            if i.data_location == onnx.TensorProto.EXTERNAL
-            for e in i.external_data
-            if e.key == "location"
-        }
-    )
+    external = sorted(external_locations(m))
     if external and dst.parent.resolve() != src.parent.resolve():
         raise ValueError(
             f"{src} keeps its weights in {external}: the graph derived from it must sit in the same "

@@ -130,6 +130,24 @@ def check_graph(onnx_path: Path, contract: IOContract) -> list[str]:
     return problems
 
 
+def _session(ort: Any, path: Path, providers: list[str] | None, errors: list[str], what: str) -> Any:
+    """An ONNX Runtime session on ``path`` (its warnings silenced), or None with the load failure
+    appended to ``errors``."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        errors.append(f"ONNX Runtime cannot load {what}: {type(e).__name__}: {e}")
+        return None
+
+
+def _finish(report: ComparisonReport, raise_on_failure: bool) -> ComparisonReport:
+    if raise_on_failure and not report:
+        raise ValidationError(report)
+    return report
+
+
 def validate_export(
     onnx_path: str | Path,
     model: Any,
@@ -160,19 +178,10 @@ def validate_export(
     report = ComparisonReport(f"validation of {onnx_path.name}", tolerance)
     report.errors.extend(check_graph(onnx_path, contract))
     if report.errors:  # names/shapes wrong: values would only add noise
-        if raise_on_failure:
-            raise ValidationError(report)
-        return report
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        report.errors.append(f"ONNX Runtime cannot load the graph: {type(e).__name__}: {e}")
-        if raise_on_failure:
-            raise ValidationError(report) from None
-        return report
+        return _finish(report, raise_on_failure)
+    sess = _session(ort, onnx_path, providers, report.errors, "the graph")
+    if sess is None:
+        return _finish(report, raise_on_failure)
     for i, case in enumerate(refs.cases if refs else cases):
         feeds = refs.feeds[i] if refs else make_case_inputs(case, contract, seed=i)
         try:
@@ -199,9 +208,7 @@ def validate_export(
         )
         if not np.isfinite(kv_err) or kv_err > max(tolerance.atol, 1e-3) * 10:
             report.errors.append(f"{case.name}: present KV differs from the reference by {kv_err:.3g}")
-    if raise_on_failure and not report:
-        raise ValidationError(report)
-    return report
+    return _finish(report, raise_on_failure)
 
 
 # The serving graph computes what the graph it was derived from computes (same variant, the same
@@ -239,29 +246,18 @@ def validate_serving_graph(
     serving_path, full_path = Path(serving_path), Path(full_path)
     tolerance = tolerance_for(SERVING_TOLERANCE)
     report = ComparisonReport(f"validation of {serving_path.name} against {full_path.name}", tolerance)
-
-    def done() -> ComparisonReport:
-        if raise_on_failure and not report:
-            raise ValidationError(report)
-        return report
-
     if contract.logits_positions == "all":
         report.errors.append("the serving graph's contract must keep some positions ('kept' or 'last')")
-        return done()
+        return _finish(report, raise_on_failure)
     report.errors.extend(check_graph(serving_path, contract))
     if report.errors:
-        return done()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers = providers or ["CPUExecutionProvider"]
-    sessions = {}
-    for name, path in (("full", full_path), ("serving", serving_path)):
-        try:
-            sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            report.errors.append(f"ONNX Runtime cannot load {path.name}: {type(e).__name__}: {e}")
+        return _finish(report, raise_on_failure)
+    sessions = {
+        name: _session(ort, path, providers, report.errors, path.name)
+        for name, path in (("full", full_path), ("serving", serving_path))
+    }
     if report.errors:
-        return done()
+        return _finish(report, raise_on_failure)
     main = contract.with_logits_positions("all")
     kept = contract.logits_positions == "kept"
     for i, case in enumerate(cases):
@@ -292,4 +288,4 @@ def validate_serving_graph(
             )
             if not np.isfinite(kv_err) or kv_err > tolerance.atol:
                 report.errors.append(f"{label}: present KV differs from {full_path.name}'s by {kv_err:.3g}")
-    return done()
+    return _finish(report, raise_on_failure)

@@ -66,10 +66,13 @@ class VariantInfo:
 
 
 # --- file helpers ----------------------------------------------------------------------------------
-def external_locations(path: str | Path) -> set[str]:
-    """The external data files ``path``'s initializers point to (empty for a self-contained graph)."""
+def external_locations(graph: Any) -> set[str]:
+    """The external data files a graph's initializers point to (empty for a self-contained graph).
+
+    ``graph`` is a graph file's path, or an ``onnx.ModelProto`` already loaded (not read again).
+    """
     onnx = require("onnx")
-    m = onnx.load(str(path), load_external_data=False)
+    m = graph if isinstance(graph, onnx.ModelProto) else onnx.load(str(graph), load_external_data=False)
     return {
         e.value
         for init in m.graph.initializer
@@ -101,7 +104,7 @@ def load_model(path: str | Path, *, with_data: bool = True) -> Any:
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
-    external = bool(external_locations(path))
+    external = bool(external_locations(m))
     if not external:  # small enough to be one protobuf: infer shapes on it directly
         return onnx.shape_inference.infer_shapes(m)
     m = onnx.shape_inference.infer_shapes(m)  # initializers carry dims only: small

@@ -17,7 +17,7 @@ import typer
 
 from deploy import cli as deploy_cli
 from export import cli as export_cli
-from export.cli import BUNDLE
+from export.cli import BUNDLE, fail
 from export.errors import EXIT_FAILED, EXIT_OK, EXIT_OPTIONS, OptionsError
 from serving.scheduler import SchedulerOptions
 
@@ -80,8 +80,7 @@ def _client(server: str, timeout: float | None, tls, tls_ca, tls_cert, tls_key, 
             token=token,
         )
     except OptionsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_OPTIONS) from None
+        raise fail(str(e), EXIT_OPTIONS) from None
 
 
 app = typer.Typer(
@@ -212,8 +211,7 @@ def serve(
     from serving.server import serve as run
 
     if log_level.upper() not in LOG_LEVELS:
-        print(f"error: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
-        raise typer.Exit(EXIT_OPTIONS)
+        raise fail(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", EXIT_OPTIONS)
     opts = ServeOptions(
         bundle=bundle,
         backend=backend,
@@ -250,8 +248,7 @@ def serve(
     try:
         opts.check()
     except OptionsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_OPTIONS) from None
+        raise fail(str(e), EXIT_OPTIONS) from None
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -377,8 +374,8 @@ def parity(
     try:
         report = run_parity(opts)
     except (OptionsError, BundleError, ServingError, MissingDependencyError) as e:
-        print(f"error: {e}", file=sys.stderr)  # bad options, or the bundle/backend cannot run here
-        raise typer.Exit(EXIT_OPTIONS) from None
+        # bad options, or the bundle/backend cannot run here
+        raise fail(str(e), EXIT_OPTIONS) from None
     print(report)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -599,13 +599,13 @@ def _parity_data(report: Any, tol: Any, extra: dict[str, Any]) -> tuple[str, str
     return (PASS if report else FAIL), detail, data
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _parity_prompts(opts: GpuCheckOptions, bundle: Any) -> tuple[list[list[int]], list[int], int]:
+    """The parity sequences' prompts (``parity_prompts`` of them, 12, 19, ... tokens), their lengths
+    and the greedy tokens that follow each (``parity_tokens``, as far as the context allows)."""
+    lens = [12 + 7 * i for i in range(opts.parity_prompts)]
+    tokens = min(opts.parity_tokens, bundle.dims.n_positions - max(lens))
+    rows = _prompts(len(lens), max(lens), bundle.dims.vocab_size, opts.seed + 2)
+    return [p[:k] for p, k in zip(rows, lens, strict=True)], lens, tokens
 
 
 def run_checks(opts: GpuCheckOptions | None = None, **overrides: Any) -> CheckReport:
@@ -775,17 +775,14 @@ def _parity_rows(runner: Runner, opts: GpuCheckOptions) -> None:
     have = runner.have
 
     def greedy() -> tuple[str, str, dict]:
+        from serving.bench.core import common_prefix
         from serving.parity import greedy_continuations
 
-        fp32 = have["bundle fp32"]
-        lens = [12 + 7 * i for i in range(opts.parity_prompts)]
-        tokens = min(opts.parity_tokens, fp32.dims.n_positions - max(lens))
-        rows = _prompts(len(lens), max(lens), fp32.dims.vocab_size, opts.seed + 2)
-        prompts = [p[:k] for p, k in zip(rows, lens, strict=True)]
+        prompts, lens, tokens = _parity_prompts(opts, have["bundle fp32"])
         ref = greedy_continuations(have["reference"], prompts, tokens)
         got = greedy_continuations(have["onnxruntime fp32"], prompts, tokens)  # the scheduler: device top-k
         have["sequences"] = (ref, lens)
-        prefix = [_common_prefix(r[k:], g[k:]) for r, g, k in zip(ref, got, lens, strict=True)]
+        prefix = [common_prefix(r[k:], g[k:]) for r, g, k in zip(ref, got, lens, strict=True)]
         equal = ref == got
         m.setdefault("parity", {})["greedy"] = {
             "equal": equal,
@@ -970,12 +967,8 @@ def _fp16_rows(runner: Runner, opts: GpuCheckOptions) -> None:
         if "sequences" in have:
             seqs, lens = have["sequences"]
         else:
-            lens = [12 + 7 * i for i in range(opts.parity_prompts)]
-            tokens = min(opts.parity_tokens, bundle.dims.n_positions - max(lens))
-            rows = _prompts(len(lens), max(lens), bundle.dims.vocab_size, opts.seed + 2)
-            seqs = greedy_continuations(
-                have["reference"], [p[:k] for p, k in zip(rows, lens, strict=True)], tokens
-            )
+            prompts, lens, tokens = _parity_prompts(opts, bundle)
+            seqs = greedy_continuations(have["reference"], prompts, tokens)
         title = f"{served.name}[{dev}] fp16 vs torch[{dev}] fp32"
         report = teacher_forced_parity(served, have["reference"], seqs, tol, lens, title=title)
         status, detail, data = _parity_data(report, tol, {})

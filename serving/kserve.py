@@ -25,6 +25,7 @@ raise ``serving.errors`` that ``serving.grpc_errors`` maps to status codes.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import AsyncIterator
@@ -207,6 +208,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 [TensorMetadata("text_output", "BYTES", (1,))],
             ),
         }
+        # Per model, what validating a request looks up: inputs by name, their description, output names.
+        self._lookup = {
+            model: ({s.name: s for s in ins}, ", ".join(s.describe() for s in ins), {s.name for s in outs})
+            for model, (ins, outs) in self.specs.items()
+        }
 
     @property
     def models(self) -> list[str]:
@@ -224,11 +230,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.runtime.ready)
 
     async def ServerMetadata(self, request, context):
-        try:
-            version = metadata.version("gpt2-deploy")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        return pb.ServerMetadataResponse(name="gpt2-deploy", version=version, extensions=[])
+        return pb.ServerMetadataResponse(name="gpt2-deploy", version=_server_version(), extensions=[])
 
     async def ModelMetadata(self, request, context):
         name = self._model(request.name, request.version)
@@ -311,9 +313,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         input, shape x datatype size == bytes, BYTES framing, known parameter types; and bounds
         the work before it starts (tensor count, dimensions, element count against the message).
         """
-        specs, out_specs = self.specs[model]
-        by_name = {s.name: s for s in specs}
-        expected = ", ".join(s.describe() for s in specs)
+        specs = self.specs[model][0]
+        by_name, expected, out_names = self._lookup[model]
         problems: list[str] = []
         if len(request.inputs) > MAX_TENSORS or len(request.outputs) > MAX_TENSORS:
             raise InvalidInput(
@@ -330,7 +331,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         missing = [s.name for s in specs if s.required and s.name not in names]
         if missing:
             problems.append(f"missing required input(s) {missing}")
-        out_names = {s.name for s in out_specs}
         bad_outputs = [o.name for o in request.outputs if o.name not in out_names]
         if bad_outputs:
             problems.append(
@@ -443,15 +443,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _text_response(
         self, request: pb.ModelInferRequest, text: str, final: FinalEvent | None
     ) -> pb.ModelInferResponse:
-        meta, raw = output_tensor(
-            "text_output", np.asarray([text.encode("utf-8")], dtype=np.object_), "BYTES"
-        )
+        meta = pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=[1])
         response = pb.ModelInferResponse(
             model_name=request.model_name,
             model_version=MODEL_VERSION,
             id=request.id,
             outputs=[meta],
-            raw_output_contents=[raw],
+            raw_output_contents=[serialize_bytes([text.encode("utf-8")])],
         )
         response.parameters[FINAL_RESPONSE].bool_param = final is not None
         if final is not None:
@@ -459,6 +457,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.parameters["prompt_tokens"].int64_param = final.prompt_tokens
             response.parameters["completion_tokens"].int64_param = final.completion_tokens
         return response
+
+
+@functools.cache
+def _server_version() -> str:
+    try:
+        return metadata.version("gpt2-deploy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _parameter_problems(where: str, parameters: Any) -> list[str]:

@@ -113,6 +113,7 @@ class ServerMetrics:
         )
         self._rate_lock = threading.Lock()
         self._decoded: deque[tuple[float, int]] = deque()  # (time, rows) of recent decode steps
+        self._decoded_rows = 0  # the sum of their rows
         self._shadow_dropped: _ShadowDropped | None = None
         self._http: Any = None
 
@@ -147,10 +148,11 @@ class ServerMetrics:
             now = time.monotonic()
             with self._rate_lock:
                 self._decoded.append((now, rows))
+                self._decoded_rows += rows
                 while self._decoded and now - self._decoded[0][0] > _RATE_WINDOW_S:
-                    self._decoded.popleft()
+                    self._decoded_rows -= self._decoded.popleft()[1]
                 span = max(now - self._decoded[0][0], seconds, 1e-6)
-                self.tokens_per_s.set(sum(n for _, n in self._decoded) / span)
+                self.tokens_per_s.set(self._decoded_rows / span)
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_s.observe(seconds)

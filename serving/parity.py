@@ -116,6 +116,38 @@ def _collect(tickets: list[Ticket], sinks: list[queue.SimpleQueue], cancelled, w
     return out
 
 
+def _run_rows(
+    engine: Backend | Scheduler, works: list[Work], cancelled, what: str
+) -> tuple[list[list[Any]], list[Ticket]]:
+    """``works`` submitted together on ``engine`` (its scheduler, or one started for the call):
+    every row's Tokens (``_collect``) and the tickets."""
+    sched, owned = _scheduler(engine)
+    try:
+        sinks: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in works]
+        tickets = sched.submit_group(list(zip(works, [q.put for q in sinks], strict=True)))
+        return _collect(tickets, sinks, cancelled, what), tickets
+    finally:
+        if owned:
+            sched.stop()
+
+
+def _forced_work(seq: list[int], p: int, *, background: bool, label: str, isolated: bool = False) -> Work:
+    """A teacher-forced row: ``seq[:p]`` prefilled, then ``seq[p:]`` fed, every step's logits returned."""
+    return Work(
+        prompt_ids=list(seq[:p]),
+        forced_ids=list(seq[p:]),
+        return_logits=True,
+        background=background,
+        isolated=isolated,
+        label=label,
+    )
+
+
+def _step_logits(events: list[Any]) -> list[np.ndarray]:
+    """A forced row's logits per step, 2-D: (P, V) for the prefill, then (1, V)."""
+    return [e.logits if e.logits.ndim == 2 else e.logits[None, :] for e in events]
+
+
 def teacher_forced_logits(
     engine: Backend | Scheduler,
     sequences: list[list[int]],
@@ -132,27 +164,12 @@ def teacher_forced_logits(
     step t >= 1 feeds ``sequence[prompt_len + t - 1]`` (logits (1, V)). The rows are submitted
     together, so they share batches (``isolated`` runs each alone instead).
     """
-    sched, owned = _scheduler(engine)
-    try:
-        sinks: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in sequences]
-        works = [
-            Work(
-                prompt_ids=list(seq[:p]),
-                forced_ids=list(seq[p:]),
-                return_logits=True,
-                background=background,
-                isolated=isolated,
-                label=f"{label} {i}",
-            )
-            for i, (seq, p) in enumerate(zip(sequences, prompt_lens, strict=True))
-        ]
-        tickets = sched.submit_group(list(zip(works, [q.put for q in sinks], strict=True)))
-        events = _collect(tickets, sinks, cancelled, label)
-    finally:
-        if owned:
-            sched.stop()
-    logits = [[e.logits if e.logits.ndim == 2 else e.logits[None, :] for e in row] for row in events]
-    return logits, [t.batch_sizes for t in tickets]
+    works = [
+        _forced_work(seq, p, background=background, isolated=isolated, label=f"{label} {i}")
+        for i, (seq, p) in enumerate(zip(sequences, prompt_lens, strict=True))
+    ]
+    events, tickets = _run_rows(engine, works, cancelled, label)
+    return [_step_logits(row) for row in events], [t.batch_sizes for t in tickets]
 
 
 def greedy_continuations(
@@ -164,18 +181,11 @@ def greedy_continuations(
     background: bool = False,
 ) -> list[list[int]]:
     """Prompt + the engine's greedy continuation (not stopping at EOS) for each prompt."""
-    sched, owned = _scheduler(engine)
-    try:
-        sinks: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in prompts]
-        works = [
-            Work(prompt_ids=list(p), max_new_tokens=new_tokens, background=background, label="reference")
-            for p in prompts
-        ]
-        tickets = sched.submit_group(list(zip(works, [q.put for q in sinks], strict=True)))
-        events = _collect(tickets, sinks, cancelled, "the reference generation for parity")
-    finally:
-        if owned:
-            sched.stop()
+    works = [
+        Work(prompt_ids=list(p), max_new_tokens=new_tokens, background=background, label="reference")
+        for p in prompts
+    ]
+    events, _ = _run_rows(engine, works, cancelled, "the reference generation for parity")
     return [list(p) + [int(e.token_id) for e in row] for p, row in zip(prompts, events, strict=True)]
 
 
@@ -483,25 +493,15 @@ def _run_in_batch(sched: Scheduler, seq: list[int], p: int, cancelled, backgroun
             submit(pending.pop(event.step))
 
     submit(first)
-    target = sched.submit(
-        Work(
-            prompt_ids=list(seq[:p]),
-            forced_ids=list(seq[p:]),
-            return_logits=True,
-            background=background,
-            label="target",
-        ),
-        on_target,
-    )
+    target = sched.submit(_forced_work(seq, p, background=background, label="target"), on_target)
     try:
         events = _collect([target], [target_q], cancelled, "batched parity")[0]
     finally:
         for t in tickets:
             t.cancel()
-    logits = [e.logits if e.logits.ndim == 2 else e.logits[None, :] for e in events]
     sizes = list(target.batch_sizes)
     notes.append(f"target: {p}-token prompt, {len(seq) - p} forced tokens; rows per forward {sizes}")
-    return [logits], sizes, notes
+    return [_step_logits(events)], sizes, notes
 
 
 def run_canary(

@@ -479,7 +479,6 @@ class Scheduler:
         if not batch.rows:
             batch.rows, batch.cache, batch.mask = new_rows, cache, mask
         else:
-            width = max(batch.width, mask.shape[1])
             try:
                 batch.cache = self.backend.join([batch.kv, cache])
             except Exception as e:  # noqa: BLE001 - a failed join fails the newcomers only if it can
@@ -487,7 +486,7 @@ class Scheduler:
                 for r in new_rows:
                     self._end_row(r, ERROR, e)
                 return
-            batch.mask = np.concatenate([_pad_left(batch.mask, width), _pad_left(mask, width)], axis=0)
+            batch.mask = _stack_masks([batch.mask, mask])
             batch.rows += new_rows
         if self.metrics is not None:
             self.metrics.rows_joined(len(new_rows))
@@ -543,9 +542,7 @@ class Scheduler:
         rows[:] = ok
         if not ok:
             return None
-        width = max(m.shape[1] for m in masks)
-        cache = self.backend.join(caches)
-        return cache, np.concatenate([_pad_left(m, width) for m in masks], axis=0)
+        return self.backend.join(caches), _stack_masks(masks)
 
     # --- decoding ------------------------------------------------------------------------------
     def _decode(self, batch: _Batch) -> None:
@@ -562,10 +559,7 @@ class Scheduler:
             return
         batch.cache, batch.mask = out.present, mask
         for i, r in enumerate(rows):
-            r.real_len += 1
-            _take(r, out, i)
-            r.batch_size = b
-            r.ticket.batch_sizes.append(b)
+            _decoded(r, out, i, b)
         self._choose(rows)
 
     def _decode_each(self, batch: _Batch, first: BaseException, top_k: int | None = None) -> None:
@@ -601,20 +595,16 @@ class Scheduler:
                 self._failed_forward(e)
                 self._end_row(r, ERROR, e)
                 continue
-            r.real_len += 1
-            _take(r, out, 0)
-            r.batch_size = 1
-            r.ticket.batch_sizes.append(1)
+            _decoded(r, out, 0, 1)
             caches.append(out.present)
             masks.append(mask)
             survivors.append(r)
         self._drop_batch(batch, release=False)
         if not survivors:
             return
-        width = max(m.shape[1] for m in masks)
         batch.rows = survivors
         batch.cache = self.backend.join(caches)
-        batch.mask = np.concatenate([_pad_left(m, width) for m in masks], axis=0)
+        batch.mask = _stack_masks(masks)
         self._choose(survivors)
 
     def _top_k(self, rows: list[_Row]) -> int | None:
@@ -676,12 +666,11 @@ class Scheduler:
                 else:
                     self.top_k_fallbacks += 1
                     r.logits = _fetch(r)
-        if greedy:  # one vectorised argmax for every greedy row that has its logits
-            full = [r for r in greedy if r.logits is not None]
-            if full:
-                picks = np.argmax(np.stack([_last(r.logits) for r in full]), -1)
-                for r, tok in zip(full, picks, strict=True):
-                    r.next_token = int(tok)
+        full = [r for r in greedy if r.logits is not None]
+        if full:  # one vectorised argmax for every greedy row that has its logits
+            picks = np.argmax(np.stack([_last(r.logits) for r in full]), -1)
+            for r, tok in zip(full, picks, strict=True):
+                r.next_token = int(tok)
         sampled = [r for r in rows if r.rng is not None and r.done is None]
         draw = partial(_draw, vocab=vocab)
         if len(sampled) > 1:  # numpy releases the GIL in the heavy parts: draw rows in parallel
@@ -832,6 +821,14 @@ def _take(r: _Row, out: StepOutput, i: int) -> None:
         r.fetch = partial(_row_logits, out, i)
 
 
+def _decoded(r: _Row, out: StepOutput, i: int, batch_size: int) -> None:
+    """Row ``i`` of a decode step of ``batch_size`` rows: one more real token, and its outcome."""
+    r.real_len += 1
+    _take(r, out, i)
+    r.batch_size = batch_size
+    r.ticket.batch_sizes.append(batch_size)
+
+
 def _row_logits(out: StepOutput, i: int) -> np.ndarray:
     return out.last_logits()[i]
 
@@ -852,6 +849,12 @@ def _draw(r: _Row, vocab: int) -> int:
             return tok
         r.logits = _fetch(r)  # the top-k cannot decide: the same draw on the full row
     return select_next(_last(r.logits), r.work.sampling, r.rng)
+
+
+def _stack_masks(masks: list[np.ndarray]) -> np.ndarray:
+    """Rows of ``masks`` stacked, each (B_i, w_i) left-padded with zero columns to the widest."""
+    width = max(m.shape[1] for m in masks)
+    return np.concatenate([_pad_left(m, width) for m in masks], axis=0)
 
 
 def _pad_left(mask: np.ndarray, width: int) -> np.ndarray:

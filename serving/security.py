@@ -202,13 +202,18 @@ def _parse_tokens(what: str, path: Path | str, problems: list[str]) -> list[str]
     return tokens
 
 
-def read_token(path: Path | str, what: str = "token_file") -> str:
-    """The first token of a token file (what a client sends). Raises OptionsError."""
+def _read_tokens(path: Path | str, what: str) -> list[str]:
+    """The tokens of a token file. Raises OptionsError naming its problems."""
     problems: list[str] = []
     tokens = _parse_tokens(what, path, problems)
     if problems:
         raise OptionsError("; ".join(problems))
-    return tokens[0]
+    return tokens
+
+
+def read_token(path: Path | str, what: str = "token_file") -> str:
+    """The first token of a token file (what a client sends). Raises OptionsError."""
+    return _read_tokens(path, what)[0]
 
 
 def _digest(token: str | bytes) -> bytes:
@@ -246,11 +251,7 @@ class TokenFile:
     def __init__(self, path: Path | str, reload_interval_s: float = 1.0):
         self.path = Path(path)
         self.reload_interval_s = reload_interval_s
-        problems: list[str] = []
-        tokens = _parse_tokens("auth_token_file", self.path, problems)
-        if problems:
-            raise OptionsError("; ".join(problems))
-        self._digests = tuple(_digest(t) for t in tokens)
+        self._digests = tuple(_digest(t) for t in _read_tokens(self.path, "auth_token_file"))
         self._stamp = _stamp(self.path)
         self._checked = time.monotonic()
 

@@ -61,8 +61,9 @@ from serving.wire import MemoryTrimmer, add_servicer
 
 log = logging.getLogger("serving.server")
 
-API_SERVICE = gpt2_deploy_pb2.DESCRIPTOR.services_by_name["Gpt2Deploy"].full_name
-KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_API = gpt2_deploy_pb2.DESCRIPTOR.services_by_name["Gpt2Deploy"]
+_KSERVE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+API_SERVICE, KSERVE_SERVICE = _API.full_name, _KSERVE.full_name
 HEALTH_SERVICES = ("", API_SERVICE, KSERVE_SERVICE)
 # SERVING from the moment the port is bound until shutdown, whatever the canary says: for a
 # Kubernetes liveness probe (a replica whose canary failed stays up, not ready, not restarted).
@@ -402,13 +403,7 @@ async def _start_grpc(opts: ServeOptions, runtime: ModelRuntime, metrics: Server
     kserve = KServeServicer(runtime, metrics)
     trimmer = MemoryTrimmer()
     max_request = opts.max_request_mb << 20
-    for service, servicer in (
-        (
-            gpt2_deploy_pb2.DESCRIPTOR.services_by_name["Gpt2Deploy"],
-            Gpt2DeployServicer(runtime, kserve.models),
-        ),
-        (grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"], kserve),
-    ):
+    for service, servicer in ((_API, Gpt2DeployServicer(runtime, kserve.models)), (_KSERVE, kserve)):
         add_servicer(server, service, servicer, max_request_bytes=max_request, trimmer=trimmer)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

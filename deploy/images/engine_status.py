@@ -13,37 +13,24 @@ without loading the engine.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from deploy.cuda import TENSORRT_MODULES, cuda_device_info, import_tensorrt_runtime
 from deploy.engine import TRUST_HOST_CODE_FLAG, EngineEntry, RuntimeInfo, check_compatibility, check_host_code
 from export.manifest import Bundle, BundleError
-
-RUNTIME_MODULES = {
-    "auto": ("tensorrt", "tensorrt_lean", "tensorrt_lean_bindings"),
-    "tensorrt": ("tensorrt",),
-    "tensorrt_lean": ("tensorrt_lean", "tensorrt_lean_bindings"),
-}
 
 
 def runtime_info(device: int, runtime: str) -> RuntimeInfo:
     """The TensorRT module and GPU an engine would be loaded with; RuntimeError saying why not."""
-    from deploy.cuda import cuda_device_info
-
-    errors = []
-    for name in RUNTIME_MODULES[runtime]:
-        try:
-            trt = importlib.import_module(name)
-        except ImportError as e:
-            errors.append(f"{name}: {e}")
-            continue
-        try:
-            gpu = cuda_device_info(device)
-        except Exception as e:  # noqa: BLE001 - cuda-python missing, no driver, no such device
-            raise RuntimeError(f"CUDA device {device} is not usable ({type(e).__name__}: {e})") from None
-        kind = "tensorrt" if name == "tensorrt" else "tensorrt_lean"
-        return RuntimeInfo(kind, str(trt.__version__), gpu.compute_capability, gpu.name)
-    raise RuntimeError("TensorRT cannot be imported (" + "; ".join(errors) + ")")
+    try:
+        trt, kind = import_tensorrt_runtime(runtime)
+    except ImportError as e:
+        raise RuntimeError(f"TensorRT cannot be imported ({e})") from None
+    try:
+        gpu = cuda_device_info(device)
+    except Exception as e:  # noqa: BLE001 - cuda-python missing, no driver, no such device
+        raise RuntimeError(f"CUDA device {device} is not usable ({type(e).__name__}: {e})") from None
+    return RuntimeInfo(kind, str(trt.__version__), gpu.compute_capability, gpu.name)
 
 
 def engine_status(
@@ -84,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0).")
-    p.add_argument("--runtime", choices=sorted(RUNTIME_MODULES), default="auto")
+    p.add_argument("--runtime", choices=sorted(TENSORRT_MODULES), default="auto")
     p.add_argument(TRUST_HOST_CODE_FLAG, dest="trust", action="store_true", help="as `serve`'s flag")
     args = p.parse_args(argv)
     code, line = engine_status(args.bundle, args.device, args.runtime, args.trust)

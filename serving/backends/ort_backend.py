@@ -185,6 +185,7 @@ class OrtBackend(Backend):
         self._kv.warm_up(self.contract.n_head, self.contract.head_dim)
         if device_top_k if device_top_k is not None else CUDA in self._providers:
             self._top_k = OrtTopK(ort, providers, self.options.threads)
+            self._top_k.warm_up(self._device)
 
     def _check_io(self, session: Any) -> None:
         c = self._graph_contract
@@ -253,8 +254,7 @@ class OrtBackend(Backend):
         self, input_ids, attention_mask, position_ids, past, last_only: bool, k: int | None
     ) -> StepOutput:
         """One run of the graph; ``k``: leave the logits on the device and return their top-k."""
-        if not isinstance(past, OrtKVCache):
-            raise TypeError(f"OrtBackend needs an OrtKVCache, got {type(past).__name__}")
+        past = self._ort_cache(past)
         c = self.contract
         kind, index = self._device
         b, s = input_ids.shape

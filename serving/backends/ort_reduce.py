@@ -96,5 +96,10 @@ class OrtTopK:
         sess.run_with_iobinding(io)
         return values, ids
 
+    def warm_up(self, device: tuple[str, int]) -> None:
+        """Create the session and run it once now (at load), not inside the first reduced step."""
+        kind, index = device
+        self(self._ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, 2), np.float32), kind, index), 1)
+
     def close(self) -> None:
         self._session = None

@@ -103,8 +103,7 @@ class TorchBackend(Backend):
     ) -> StepOutput:
         from export.cache_adapter import forward_with_cache
 
-        if not isinstance(past, TorchKVCache):
-            raise TypeError(f"TorchBackend needs a TorchKVCache, got {type(past).__name__}")
+        past = self._layers(past)
         torch, dev = self._torch, self._device
         with torch.inference_mode():
             logits, layers = forward_with_cache(

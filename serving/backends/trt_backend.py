@@ -20,7 +20,6 @@ generation profile, which is exact for a causal decoder. CUDA goes through cuda-
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import threading
 from pathlib import Path
@@ -28,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from deploy.cuda import cuda_check, cuda_device_info, cudart
-from deploy.engine import EngineEntry, RuntimeInfo, check_compatibility
+from deploy.cuda import TENSORRT_MODULES, cuda_check, cuda_device_info, cudart, import_tensorrt_runtime
+from deploy.engine import EngineEntry, RuntimeInfo, check_compatibility, check_host_code
 from deploy.presets import CONTEXT_PROFILE, GENERATION_PROFILE
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from export.deps import MissingDependencyError
@@ -38,7 +37,7 @@ from serving.backends.base import Backend, BackendLimits, BackendOptions, KVCach
 from serving.backends.kv_layout import Plan, join_plan, select_plan
 from serving.errors import BackendUnavailable, InvalidInput, OutOfRange, Unavailable
 
-RUNTIMES = ("auto", "tensorrt", "tensorrt_lean")
+RUNTIMES = tuple(TENSORRT_MODULES)  # auto, tensorrt, tensorrt_lean
 # KV caches live at once: the running batch, a prefilled group before it joins, a solo run.
 KV_CACHES = 3
 
@@ -46,30 +45,20 @@ KV_CACHES = 3
 def import_tensorrt(prefer: str = "auto") -> tuple[Any, str]:
     """The TensorRT module to run with and its kind ("tensorrt" or "tensorrt_lean").
 
-    ``auto`` prefers the full runtime and falls back to the lean one. The lean runtime's import name
-    is ``tensorrt_lean`` (the ``tensorrt-lean`` meta package); the ``tensorrt-lean-cu13-bindings``
-    wheel alone installs it as ``tensorrt_lean_bindings``, which is accepted too.
+    ``auto`` prefers the full runtime and falls back to the lean one (``deploy.cuda.TENSORRT_MODULES``
+    lists the import names tried).
 
     Raises:
         BackendUnavailable: none imports (the message names what was tried and how to install it).
     """
     if prefer not in RUNTIMES:
         raise BackendUnavailable(f"TensorRT runtime {prefer!r} is not one of {', '.join(RUNTIMES)}")
-    order = {
-        "auto": ["tensorrt", "tensorrt_lean", "tensorrt_lean_bindings"],
-        "tensorrt": ["tensorrt"],
-        "tensorrt_lean": ["tensorrt_lean", "tensorrt_lean_bindings"],
-    }[prefer]
-    errors = []
-    for name in order:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as e:
-            errors.append(f"{name}: {e}")
-            continue
-        return mod, ("tensorrt" if name == "tensorrt" else "tensorrt_lean")
+    try:
+        return import_tensorrt_runtime(prefer)
+    except ImportError as e:
+        errors = str(e)
     raise BackendUnavailable(
-        "the TensorRT backend needs TensorRT, which cannot be imported here (" + "; ".join(errors) + "); "
+        "the TensorRT backend needs TensorRT, which cannot be imported here (" + errors + "); "
         "install the full runtime (pip install 'gpt2-deploy[tensorrt]' with NVIDIA's index, a TensorRT "
         "container, or JetPack) or the lean runtime for version-compatible engines "
         "(pip install 'gpt2-deploy[tensorrt-lean]')"
@@ -250,7 +239,7 @@ class TensorRTBackend(Backend):
         try:
             rt = cudart()
             device = cuda_device_info(device_index)
-            cuda_check(rt.cudaSetDevice(device_index), "cudaSetDevice")
+            self._set_device()
         except (MissingDependencyError, RuntimeError) as e:
             raise BackendUnavailable(
                 f"the TensorRT backend cannot use CUDA device {device_index}: {e}"
@@ -275,8 +264,6 @@ class TensorRTBackend(Backend):
             # A version-compatible plan carries the lean runtime as executable host code; a hash in
             # the same bundle is no proof of origin, so only an explicit opt-in lets TensorRT load it
             # (--trust-engine-host-code -> BackendOptions.extra["trust_engine_host_code"]).
-            from deploy.engine import check_host_code
-
             host_code = check_host_code(entry, bool(self.options.extra.get("trust_engine_host_code")))
             if not host_code:
                 raise BackendUnavailable(str(host_code))
@@ -464,10 +451,7 @@ class TensorRTBackend(Backend):
             plan = join_plan(
                 [(c.batch, c.length) for c in own], self.contract.n_head, self.contract.head_dim, length
             )
-            sources = [c.slot.sides[c.slot.current] for c in own]
-            self._run_plan(plan, sources, dst.sides[1 - dst.current])
-            dst.current = 1 - dst.current
-            dst.version += 1
+            self._run_plan(plan, [c.slot.sides[c.slot.current] for c in own], dst)
             for c in own[1:]:  # consumed: their slots go back to the pool now, in order
                 self._free_slot(c.slot)
             return TrtKVCache(plan.rows, length, dst, id(self))
@@ -480,9 +464,7 @@ class TensorRTBackend(Backend):
             plan = select_plan(
                 (c.batch, c.length), rows, length, self.contract.n_head, self.contract.head_dim
             )
-            self._run_plan(plan, [slot.sides[slot.current]], slot.sides[1 - slot.current])
-            slot.current = 1 - slot.current
-            slot.version += 1
+            self._run_plan(plan, [slot.sides[slot.current]], slot)
             return TrtKVCache(len(rows), length, slot, id(self))
 
     def _release_impl(self, cache: KVCache) -> None:
@@ -496,11 +478,12 @@ class TensorRTBackend(Backend):
         slot.in_use = False
         slot.version += 1
 
-    def _run_plan(self, plan: Plan, sources: list[list[_DeviceBuffer]], dst: list[_DeviceBuffer]) -> None:
-        """The same plan for every past tensor i: copies from ``sources[k][i]`` into ``dst[i]``."""
+    def _run_plan(self, plan: Plan, sources: list[list[_DeviceBuffer]], slot: _KVSlot) -> None:
+        """The same plan for every past tensor i: copies from ``sources[k][i]`` into tensor i of
+        ``slot``'s other side, which becomes its current one (older caches of the slot go stale)."""
         rt, isz = cudart(), self._kv_item
         d2d = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        for i, out in enumerate(dst):
+        for i, out in enumerate(slot.sides[1 - slot.current]):
             for z in plan.zeros:
                 cuda_check(
                     rt.cudaMemset2DAsync(
@@ -529,20 +512,14 @@ class TensorRTBackend(Backend):
                     "copy KV rows",
                 )
         cuda_check(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        slot.current = 1 - slot.current
+        slot.version += 1
 
     def _forward(self, input_ids, attention_mask, position_ids, past, last_only) -> StepOutput:
         if not isinstance(past, TrtKVCache) or past.backend_id != id(self):
             self._own(past)  # raises with the message
-        b, s = input_ids.shape
+        b, s = input_ids.shape  # within the engine's batch and context (``limits``, ``_validate``)
         p = past.length
-        if b > self.max_batch:
-            raise OutOfRange(f"batch {b} exceeds the engine's maximum batch {self.max_batch}")
-        if p + s > self.max_context:
-            raise OutOfRange(
-                f"past ({p}) + new tokens ({s}) = {p + s} exceeds the engine's context of "
-                f"{self.max_context} positions ({self._engine_label()}); "
-                "rebuild with a larger --max-context"
-            )
         v = self.contract.vocab_size
         out = np.empty((b, 1 if last_only else s, v), dtype=np.float32)
         # Runs: one prefill through the context profile when the past is empty, then one token at a
@@ -574,9 +551,8 @@ class TensorRTBackend(Backend):
                     length += n
                     if not last_only:
                         self._copy_logits(out, a, b, n)
-                    elif k == len(runs) - 1:
+                    elif k == len(runs) - 1:  # the last run always copies, so the stream is synced
                         self._copy_logits(out, 0, b, n, last_position=True)
-                cuda_check(cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             except BaseException:
                 # Some runs may have flipped the ping-pong side: the slot no longer holds ``past``.
                 # Invalidate every cache of this slot so nobody continues from corrupted buffers.
@@ -657,7 +633,7 @@ class TensorRTBackend(Backend):
                 "copy logits to the host",
             )
         else:
-            host = np.empty((b, 1 if last_position else produced, v), dtype=dt)
+            host = np.empty((b, produced, v), dtype=dt)
             cuda_check(
                 rt.cudaMemcpyAsync(host.ctypes.data, self._logits.ptr, host.nbytes, d2h, self._stream),
                 "copy logits to the host",

@@ -305,14 +305,17 @@ def prompts_for(opts: BenchOptions, vocab_size: int) -> list[list[int]]:
     return rng.integers(0, vocab_size - 1, (max(opts.batches), opts.prompt_len)).tolist()
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def prefix_match(got: list[list[int]], ref: list[list[int]]) -> float:
     """Mean over rows of the common prefix length over the reference length (1.0: identical)."""
-    fractions = []
-    for g, r in zip(got, ref):
-        n = 0
-        for a, b in zip(g, r):
-            if a != b:
-                break
-            n += 1
-        fractions.append(n / len(r) if r else 1.0)
+    fractions = [common_prefix(g, r) / len(r) if r else 1.0 for g, r in zip(got, ref)]
     return float(np.mean(fractions)) if fractions else 1.0

@@ -63,6 +63,15 @@ def run_entrypoint(*args: str, timeout: float = 120, **values: str) -> subproces
     )
 
 
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 # --- Dockerfiles ---------------------------------------------------------------------------------
 def test_every_image_variant_has_a_dockerfile_and_an_ignore_file():
     assert [p.name for p in DOCKERFILES] == sorted(f"{v}.Dockerfile" for v in VARIANTS)
@@ -73,24 +82,14 @@ def test_every_image_variant_has_a_dockerfile_and_an_ignore_file():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_finds_nothing(dockerfile):
-    proc = subprocess.run(
-        [tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(dockerfile)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = hadolint(dockerfile)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
 
 
 def test_hadolint_with_our_config_still_fails_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "bad.Dockerfile"
     bad.write_text("FROM python\nRUN cd /src && pip install requests\nFROM quay.io/some/image:1\n")
-    proc = subprocess.run(
-        [tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = hadolint(bad)
     assert proc.returncode != 0
     for rule in ("DL3006", "DL3003", "DL3013", "DL3042", "DL3026"):
         assert rule in proc.stdout, proc.stdout

@@ -75,11 +75,16 @@ def render(target: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
+def renders() -> dict[str, subprocess.CompletedProcess]:
+    """Each target rendered once for the module (``kubectl kustomize``)."""
+    return {name: render(target) for name, target in TARGETS.items()}
+
+
+@pytest.fixture(scope="module")
+def rendered(renders) -> dict[str, list[dict]]:
     out = {}
-    for name, target in TARGETS.items():
-        proc = render(target)
-        assert proc.returncode == 0, f"kubectl kustomize {target} failed:\n{proc.stderr}"
+    for name, proc in renders.items():
+        assert proc.returncode == 0, f"kubectl kustomize {TARGETS[name]} failed:\n{proc.stderr}"
         out[name] = [d for d in yaml.safe_load_all(proc.stdout) if d]
     return out
 
@@ -410,8 +415,8 @@ def kserve_contract_problems(docs: list[dict]) -> list[str]:
 
 # --- tests --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_each_target_renders_cleanly(target):
-    proc = render(TARGETS[target])
+def test_each_target_renders_cleanly(renders, target):
+    proc = renders[target]
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", f"kustomize warned:\n{proc.stderr}"
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(proc.stdout) if d)

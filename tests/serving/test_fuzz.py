@@ -155,6 +155,24 @@ def check_in_stream_error(message: str, what: object) -> None:
     assert text.strip() and len(message.encode()) < MAX_DETAILS, f"{message[:500]!r}\nrequest: {_show(what)}"
 
 
+def answered_or_refused(call: Callable, request: object, check: Callable) -> None:
+    """``call(request)`` either answers (``check(request, answer)``) or refuses as a bad input may."""
+    try:
+        response = call(request)
+    except grpc.RpcError as e:
+        check_error(e, request)
+    else:
+        check(request, response)
+
+
+def answered(call: Callable, request: object) -> object:
+    """``call(request)`` for a request built to be valid: it must succeed."""
+    try:
+        return call(request)
+    except grpc.RpcError as e:
+        raise AssertionError(f"a valid request failed: {e.code().name}: {e.details()}\n{request}") from None
+
+
 def _show(what: object, limit: int = 3000) -> str:
     text = repr(what) if isinstance(what, (bytes, list, tuple)) else str(what)
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
@@ -329,13 +347,7 @@ def test_fuzz_generate(server, channel, served):
     )
     @served
     def run(case: Shown) -> None:
-        request = case.value
-        try:
-            responses = generate(stub, request)
-        except grpc.RpcError as e:
-            check_error(e, request)
-        else:
-            check_generation(request, responses)
+        answered_or_refused(functools.partial(generate, stub), case.value, check_generation)
 
     run()
 
@@ -347,14 +359,7 @@ def test_fuzz_valid_generate_succeeds(server, channel, served):
     @given(shown(valid_generate_requests(server.runtime.bundle.dims.vocab_size)))
     @served
     def run(case: Shown) -> None:
-        request = case.value
-        try:
-            responses = generate(stub, request)
-        except grpc.RpcError as e:
-            raise AssertionError(
-                f"a valid request failed: {e.code().name}: {e.details()}\n{request}"
-            ) from None
-        check_generation(request, responses)
+        check_generation(case.value, answered(functools.partial(generate, stub), case.value))
 
     run()
 
@@ -372,20 +377,15 @@ def check_scores(request: pb.ScoreRequest, r: pb.ScoreResponse, vocab: int) -> N
 
 
 def test_fuzz_score(server, channel, served):
-    stub = pb_grpc.Gpt2DeployStub(channel)
+    score = functools.partial(pb_grpc.Gpt2DeployStub(channel).Score, timeout=TIMEOUT_S)
     vocab, context = server.runtime.bundle.dims.vocab_size, server.runtime.generator.context
+    check = functools.partial(check_scores, vocab=vocab)
 
     @_examples(1.0)
     @given(shown(st.one_of(score_requests(vocab, context), valid_score_requests(vocab))))
     @served
     def run(case: Shown) -> None:
-        request = case.value
-        try:
-            response = stub.Score(request, timeout=TIMEOUT_S)
-        except grpc.RpcError as e:
-            check_error(e, request)
-        else:
-            check_scores(request, response, vocab)
+        answered_or_refused(score, case.value, check)
 
     run()
 
@@ -393,14 +393,7 @@ def test_fuzz_score(server, channel, served):
     @given(shown(valid_score_requests(vocab)))
     @served
     def run_valid(case: Shown) -> None:
-        request = case.value
-        try:
-            response = stub.Score(request, timeout=TIMEOUT_S)
-        except grpc.RpcError as e:
-            raise AssertionError(
-                f"a valid request failed: {e.code().name}: {e.details()}\n{request}"
-            ) from None
-        check_scores(request, response, vocab)
+        check(case.value, answered(score, case.value))
 
     run_valid()
 
@@ -648,9 +641,10 @@ def check_infer(request: kpb.ModelInferRequest, r: kpb.ModelInferResponse, vocab
 
 
 def test_fuzz_model_infer(server, channel, served):
-    stub = kgrpc.GRPCInferenceServiceStub(channel)
+    infer = functools.partial(kgrpc.GRPCInferenceServiceStub(channel).ModelInfer, timeout=TIMEOUT_S)
     vocab, forward = server.runtime.bundle.dims.vocab_size, server.runtime.name
     specs = _specs(server)
+    check = functools.partial(check_infer, vocab=vocab)
 
     @_examples(3.0)
     @given(
@@ -664,13 +658,7 @@ def test_fuzz_model_infer(server, channel, served):
     )
     @served
     def run(case: Shown) -> None:
-        request = case.value
-        try:
-            response = stub.ModelInfer(request, timeout=TIMEOUT_S)
-        except grpc.RpcError as e:
-            check_error(e, request)
-        else:
-            check_infer(request, response, vocab)
+        answered_or_refused(infer, case.value, check)
 
     run()
 
@@ -678,14 +666,7 @@ def test_fuzz_model_infer(server, channel, served):
     @given(shown(valid_infer_requests(forward, vocab)))
     @served
     def run_valid(case: Shown) -> None:
-        request = case.value
-        try:
-            response = stub.ModelInfer(request, timeout=TIMEOUT_S)
-        except grpc.RpcError as e:
-            raise AssertionError(
-                f"a valid request failed: {e.code().name}: {e.details()}\n{request}"
-            ) from None
-        check_infer(request, response, vocab)
+        check(case.value, answered(infer, case.value))
 
     run_valid()
 

@@ -40,6 +40,18 @@ def server(tiny_bundle):
         yield running
 
 
+def _serve_process(bundle, port: int, *extra: str) -> subprocess.Popen:
+    """A real `gpt2-deploy serve` of ``bundle`` on ``port`` (parity off, one thread)."""
+    cli = [sys.executable, "-m", "serving.cli", "serve", str(bundle.root), "--port", str(port)]
+    return subprocess.Popen(
+        [*cli, "--parity", "off", "--threads", "1", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _raw(channel: grpc.Channel, method: str, streaming_out: bool = False, bidi: bool = False):
     ident = lambda b: b  # noqa: E731 - bytes straight to the wire
     if bidi:
@@ -95,27 +107,7 @@ def test_a_malformed_bidi_stream_is_refused_and_stop_still_finishes(tiny_bundle)
 def test_sigterm_ends_the_process_within_grace_plus_margin(tiny_bundle):
     """A real `gpt2-deploy serve` with malformed and never-ending bidi streams open: SIGTERM ends it."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving.cli",
-            "serve",
-            str(tiny_bundle.root),
-            "--port",
-            str(port),
-            "--parity",
-            "off",
-            "--grace",
-            "1",
-            "--threads",
-            "1",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _serve_process(tiny_bundle, port, "--grace", "1")
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         with Gpt2DeployClient(f"127.0.0.1:{port}") as c:
@@ -358,27 +350,7 @@ def _rss_kib(pid: int) -> int:
 
 def test_memory_returns_after_a_storm_of_bad_requests(tiny_bundle):
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving.cli",
-            "serve",
-            str(tiny_bundle.root),
-            "--port",
-            str(port),
-            "--parity",
-            "off",
-            "--threads",
-            "1",
-            "--log-level",
-            "ERROR",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _serve_process(tiny_bundle, port, "--log-level", "ERROR")
     try:
         address = f"127.0.0.1:{port}"
         with Gpt2DeployClient(address, timeout=60) as c, grpc.insecure_channel(address) as ch:

@@ -108,41 +108,22 @@ class Pki:
         }
         ca = _certificate("test CA", keys["ca"], "test CA", keys["ca"], ca=True)
         other = _certificate("other CA", keys["other"], "other CA", keys["other"], ca=True)
+        signers = {"test CA": keys["ca"], "other CA": keys["other"]}
         sans = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-        server = _certificate(
-            "gpt2-deploy",
-            keys["server"],
-            "test CA",
-            keys["ca"],
-            ca=False,
-            usage=ExtendedKeyUsageOID.SERVER_AUTH,
-            sans=sans,
-        )
-        client = _certificate(
-            "client", keys["client"], "test CA", keys["ca"], ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH
-        )
-        rogue = _certificate(
-            "client",
-            keys["rogue"],
-            "other CA",
-            keys["other"],
-            ca=False,
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        )
+        server_auth, client_auth = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+
+        def leaf(subject: str, key: str, issuer: str, usage, sans=()):
+            return _certificate(subject, keys[key], issuer, signers[issuer], ca=False, usage=usage, sans=sans)
+
+        server = leaf("gpt2-deploy", "server", "test CA", server_auth, sans)
+        client = leaf("client", "client", "test CA", client_auth)
+        rogue = leaf("client", "rogue", "other CA", client_auth)
         self.ca, self.ca_key = _write(root / "ca", ca, keys["ca"])
         self.other_ca, _ = _write(root / "other-ca", other, keys["other"])
         self.server, self.server_key = _write(root / "server", server, keys["server"])
         self.client, self.client_key = _write(root / "client", client, keys["client"])
         self.rogue, self.rogue_key = _write(root / "rogue", rogue, keys["rogue"])
-        server2 = _certificate(
-            "gpt2-deploy",
-            keys["server2"],
-            "other CA",
-            keys["other"],
-            ca=False,
-            usage=ExtendedKeyUsageOID.SERVER_AUTH,
-            sans=sans,
-        )
+        server2 = leaf("gpt2-deploy", "server2", "other CA", server_auth, sans)
         self.server2, self.server2_key = _write(root / "server2", server2, keys["server2"])
 
 
