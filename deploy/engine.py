@@ -1,11 +1,11 @@
 """A TensorRT engine's manifest entry, and the decisions whether a runtime may load it.
 
 The builder records one ``EngineEntry`` per engine in ``Manifest.engines``; the TensorRT backend
-reads it back and asks ``check_compatibility`` (TensorRT version, lean runtime, GPU) and
-``check_host_code`` (a plan with executable host code needs an explicit opt-in) before handing the
-plan to TensorRT, so a mismatch is refused with a message naming what was built and what is
-running. The rules, from TensorRT's "Engine Compatibility" documentation: docs/tensorrt.md
-"Portability and the lean runtime".
+picks the newest entry that ``check_engine`` passes: the graph and plan are the bundle's,
+``check_compatibility`` (TensorRT version, lean runtime, GPU) and ``check_host_code`` (a plan with
+executable host code needs an explicit opt-in), so a mismatch is refused with a message naming what
+was built and what is running. The rules, from TensorRT's "Engine Compatibility" documentation:
+docs/tensorrt.md "Portability and the lean runtime".
 """
 
 from __future__ import annotations
@@ -293,3 +293,21 @@ def check_compatibility(entry: EngineEntry, rt: RuntimeInfo) -> Compatibility:
             "TensorRT may still reject the plan or run it slower"
         )
     return out
+
+
+def check_engine(bundle: Any, entry: EngineEntry, rt: RuntimeInfo, trust_host_code: bool) -> Compatibility:
+    """Whether ``rt`` may run ``entry`` from ``bundle`` (an ``export.manifest.Bundle``): the graph it
+    was built from is still the bundle's, its plan file is there, ``check_compatibility`` and
+    ``check_host_code``. The one rule the backend and the image's engine check both pick by."""
+    problems = []
+    onnx = bundle.manifest.files.get(entry.onnx_file)
+    if onnx is not None and onnx.sha256 != entry.onnx_sha256:
+        problems.append(
+            f"it was built from a different {entry.onnx_file} (sha256 {entry.onnx_sha256[:12]}..., "
+            f"the bundle's is {onnx.sha256[:12]}...): rebuild it"
+        )
+    if not (bundle.root / entry.file).is_file():
+        problems.append(f"{entry.file} is missing")
+    compat = check_compatibility(entry, rt)
+    problems += compat.problems + check_host_code(entry, trust_host_code).problems
+    return Compatibility(problems, compat.notes)

@@ -6,7 +6,7 @@
 Prints one line and exits 0 when an engine can run here (it is named), 1 when none can (no engine
 recorded, TensorRT or the GPU unusable, or every engine built for another GPU / TensorRT version /
 graph, or a plan with host code that is not trusted), 2 when the bundle cannot be read. The rules
-are the TensorRT backend's (``deploy.engine.check_compatibility`` and ``check_host_code``), applied
+and the order (newest first) are the TensorRT backend's (``deploy.engine.check_engine``), applied
 without loading the engine.
 """
 
@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from deploy.cuda import TENSORRT_MODULES, cuda_device_info, import_tensorrt_runtime
-from deploy.engine import TRUST_HOST_CODE_FLAG, EngineEntry, RuntimeInfo, check_compatibility, check_host_code
+from deploy.engine import TRUST_HOST_CODE_FLAG, EngineEntry, RuntimeInfo, check_engine
 from export.manifest import Bundle, BundleError
 
 
@@ -55,15 +55,10 @@ def engine_status(
         except (TypeError, ValueError) as e:
             reasons.append(f"malformed entry ({e})")
             continue
-        problems = check_compatibility(entry, rt).problems + check_host_code(entry, trust_host_code).problems
-        onnx = bundle.manifest.files.get(entry.onnx_file)
-        if onnx is not None and onnx.sha256 != entry.onnx_sha256:
-            problems.append(f"built from another {entry.onnx_file}")
-        if not (bundle.root / entry.file).is_file():
-            problems.append("the plan file is missing")
-        if not problems:
+        verdict = check_engine(bundle, entry, rt, trust_host_code)
+        if verdict:
             return 0, f"engine ok: {entry.file} runs on {rt.gpu_name} with {rt.module} {rt.tensorrt_version}"
-        reasons.append(f"{entry.file}: {'; '.join(problems)}")
+        reasons.append(f"{entry.file}: {verdict}")
     return 1, f"no engine can run on {rt.gpu_name} (sm {rt.compute_capability}): " + " | ".join(reasons)
 
 

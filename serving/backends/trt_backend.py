@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from deploy.cuda import TENSORRT_MODULES, cuda_check, cuda_device_info, cudart, import_tensorrt_runtime
-from deploy.engine import EngineEntry, RuntimeInfo, check_compatibility, check_host_code
+from deploy.engine import EngineEntry, RuntimeInfo, check_engine
 from deploy.presets import CONTEXT_PROFILE, GENERATION_PROFILE
 from export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from export.deps import MissingDependencyError
@@ -204,22 +204,13 @@ class TensorRTBackend(Backend):
     def _select_entry(self, runtime: RuntimeInfo) -> EngineEntry:
         """The first candidate this runtime may load; otherwise every candidate's reasons."""
         reasons = []
+        trusted = bool(self.options.extra.get("trust_engine_host_code"))
         for e in self._candidate_entries():
-            problems = []
-            onnx_entry = self.bundle.manifest.files.get(e.onnx_file)
-            if onnx_entry is not None and onnx_entry.sha256 != e.onnx_sha256:
-                problems.append(
-                    f"it was built from a different {e.onnx_file} (sha256 {e.onnx_sha256[:12]}..., "
-                    f"the bundle's is {onnx_entry.sha256[:12]}...): rebuild it"
-                )
-            if not (self.bundle.root / e.file).is_file():
-                problems.append(f"{e.file} is missing")
-            compat = check_compatibility(e, runtime)
-            problems += compat.problems
-            if not problems:
-                self._notes = compat.notes
+            verdict = check_engine(self.bundle, e, runtime, trusted)
+            if verdict:
+                self._notes = verdict.notes
                 return e
-            reasons.append(f"{e.file}: " + "; ".join(problems))
+            reasons.append(f"{e.file}: {verdict}")
         raise BackendUnavailable(
             "no engine in the bundle can run here:\n" + "\n".join(f"  - {r}" for r in reasons)
         )
@@ -262,11 +253,8 @@ class TensorRTBackend(Backend):
                 raise BackendUnavailable(f"Runtime.load_runtime could not load {lean_library}")
         if entry.version_compatible:
             # A version-compatible plan carries the lean runtime as executable host code; a hash in
-            # the same bundle is no proof of origin, so only an explicit opt-in lets TensorRT load it
-            # (--trust-engine-host-code -> BackendOptions.extra["trust_engine_host_code"]).
-            host_code = check_host_code(entry, bool(self.options.extra.get("trust_engine_host_code")))
-            if not host_code:
-                raise BackendUnavailable(str(host_code))
+            # the same bundle is no proof of origin, so ``_select_entry`` picked it only with the
+            # explicit opt-in (--trust-engine-host-code -> extra["trust_engine_host_code"]).
             runtime.engine_host_code_allowed = entry.embeds_host_code
         self._runtime = runtime
         engine = runtime.deserialize_cuda_engine((self.bundle.root / entry.file).read_bytes())

@@ -6,8 +6,10 @@ No test here pretends an engine ran: without TensorRT only the checks that come 
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from export.manifest import Bundle
 from serving.backends import BackendOptions, create_backend
 from serving.backends.trt_backend import TensorRTBackend, import_tensorrt
 from serving.errors import BackendUnavailable, InvalidInput, OutOfRange, Unavailable
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -128,6 +132,38 @@ def test_engine_selection_reports_every_engine_it_refused(bundle_copy):
     _record(bundle_copy, file="engines/good.engine")
     be = TensorRTBackend(Bundle.open(bundle_copy.root), BackendOptions(device="cuda"))
     assert be._select_entry(here).file == "engines/good.engine"
+
+
+def test_an_untrusted_host_code_engine_is_passed_over_here_and_in_the_image_check(bundle_copy, monkeypatch):
+    """The backend and the image's engine check (entrypoint.sh) pick by one rule: an older native
+    engine runs when the newest embeds host code nobody trusted (before, the image check said "engine
+    ok" for the older one and `serve` then refused the newest)."""
+    _record(bundle_copy, file="engines/native.engine")
+    _record(bundle_copy, file="engines/vc.engine", flags={"version_compatible": True})  # newest
+    here = RuntimeInfo("tensorrt", "10.13.3.9", "9.0", "NVIDIA H100")
+    bundle = Bundle.open(bundle_copy.root)
+    assert (
+        TensorRTBackend(bundle, BackendOptions(device="cuda"))._select_entry(here).file
+        == "engines/native.engine"
+    )
+    trusting = BackendOptions(device="cuda", extra={"trust_engine_host_code": True})
+    assert TensorRTBackend(bundle, trusting)._select_entry(here).file == "engines/vc.engine"
+
+    spec = importlib.util.spec_from_file_location(
+        "engine_status", ROOT / "deploy" / "images" / "engine_status.py"
+    )
+    assert spec is not None and spec.loader is not None
+    engine_status = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine_status)
+    # runtime_info asks TensorRT and the GPU, which this machine lacks: answer with the same runtime
+    monkeypatch.setattr(engine_status, "runtime_info", lambda device, runtime: here)
+    assert engine_status.engine_status(str(bundle.root)) == (
+        0,
+        "engine ok: engines/native.engine runs on NVIDIA H100 with tensorrt 10.13.3.9",
+    )
+    assert engine_status.engine_status(str(bundle.root), trust_host_code=True)[1].startswith(
+        "engine ok: engines/vc.engine"
+    )
 
 
 # --- real engines ---------------------------------------------------------------------------------------
