@@ -8,7 +8,6 @@ does: both backends teacher-forced along the same tokens, full rows compared by 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -224,13 +223,6 @@ def test_malformed_records_list_every_problem(tmp_path, record):
 
 
 # --- Bundle.open checks it like every file --------------------------------------------------------
-@pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path):
-    dst = tmp_path / "copy"
-    shutil.copytree(tiny_bundle.root, dst)
-    return dst
-
-
 def test_tampered_or_missing_record_is_named(bundle_copy):
     path = bundle_copy / GOLDEN_FILE
     text = path.read_text(encoding="utf-8")

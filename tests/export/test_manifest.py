@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -71,13 +70,6 @@ def test_schema_errors_are_named(tmp_path):
     (tmp_path / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(BundleError, match="manifest.json is not valid JSON"):
         Bundle.open(tmp_path)
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path):
-    dst = tmp_path / "copy"
-    shutil.copytree(tiny_bundle.root, dst)
-    return dst
 
 
 def test_tampered_and_missing_files_are_all_listed(bundle_copy):
